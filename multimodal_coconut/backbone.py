@@ -1,0 +1,344 @@
+"""Backbone loading: `model_id` -> model, tokenizer, image processor and the token ids Coconut needs.
+
+Three kinds of backbone are supported:
+
+* native Hugging Face InternVL checkpoints (`InternVLForConditionalGeneration`, e.g. `OpenGVLab/InternVL3-1B-hf`
+  or a local directory in that format), through transformers' own classes;
+* original-format InternVL checkpoints (`InternVLChatModel`, remote code, e.g. `OpenGVLab/InternVL3-1B-Pretrained`),
+  only when the config sets `trust_remote_code: true`;
+* any Hugging Face causal LM (text only), as in the original Coconut.
+
+Two presets need no download: `tiny` (a few-million-parameter InternVL with random weights and a byte-level BPE
+tokenizer trained locally, saved as an ordinary HF checkpoint directory and loaded back through `from_pretrained`)
+and `internvl3-1b-shape` (the exact shapes of InternVL3-1B with random weights, for benchmarks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"
+# InternVL's image markers: `<img>` + tiles x tokens_per_tile x `<IMG_CONTEXT>` + `</img>`.
+IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+PRESETS = ("tiny", "internvl3-1b-shape")
+TINY_VERSION = 1  # bump when the tiny architecture changes, so cached copies are rebuilt
+
+
+@dataclass
+class Backbone:
+    """A loaded backbone and everything the data pipeline and `MultimodalCoconut` need to know about it."""
+
+    model: nn.Module
+    tokenizer: object  # a transformers PreTrainedTokenizerBase
+    image_processor: object | None  # transformers image processor (InternVL tiling); None for text-only LMs
+    tokens_per_tile: int  # image tokens per 448px (or image_size) tile; 0 for text-only LMs
+    image_token_id: int | None
+    start_latent_id: int
+    end_latent_id: int
+    latent_id: int
+    eos_token_id: int
+    pad_token_id: int
+
+    @property
+    def is_multimodal(self) -> bool:
+        return self.image_token_id is not None
+
+
+def _quiet_transformers():
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Presets
+# ---------------------------------------------------------------------------------------------------------------
+
+_TINY_CORPUS = """
+What color is the shape? Which shape is to the right of the red circle? What is below the blue square?
+The triangle is at the top left and it is green. The shape to its right is a yellow circle. So the answer is red.
+Choices: (A) red (B) green (C) blue (D) yellow. Answer: ### circle square triangle star left right top bottom
+above below next to between how many what which where who why when is are was were the a an of in on at to
+Question: A person is holding an umbrella because it is raining. The dog sits on the couch near the window.
+0 1 2 3 4 5 6 7 8 9 10 one two three four five yes no
+"""
+
+
+def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
+    """A byte-level BPE tokenizer trained on `texts` (any input is still covered: byte-level has all 256 bytes)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", IMG_START, IMG_END, IMG_CONTEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_TINY_CORPUS, *texts], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def _internvl_config(tokenizer, vision: dict, text: dict, image_size: int, patch_size: int, vocab_size: int):
+    from transformers import InternVLConfig, Qwen2Config
+    from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+
+    vision_config = InternVLVisionConfig(image_size=image_size, patch_size=patch_size, **vision)
+    text_config = Qwen2Config(vocab_size=vocab_size, tie_word_embeddings=False, **text)
+    tokens_per_tile = (image_size // patch_size) ** 2 // 4  # pixel shuffle with downsample_ratio 0.5
+    return InternVLConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT),
+        image_seq_length=tokens_per_tile,
+        downsample_ratio=0.5,
+        tie_word_embeddings=False,
+    )
+
+
+def _image_processor(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    return GotOcr2ImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        crop_to_patches=True,
+        min_patches=1,
+        max_patches=12,
+        image_mean=list(mean),
+        image_std=list(std),
+    )
+
+
+def build_tiny(out_dir: str | os.PathLike, texts: Iterable[str] = (), seed: int = 0) -> Path:
+    """Write a tiny random-weight InternVL checkpoint directory (model, tokenizer, image processor) to `out_dir`.
+
+    64px tiles, 8px patches -> 16 image tokens per tile; ~2M parameters. Deterministic by `seed` and `texts`.
+    The directory is written under a temporary name and renamed, so a crash never leaves a half-built model.
+    """
+    from transformers import InternVLForConditionalGeneration
+
+    out_dir = Path(out_dir)
+    tokenizer = train_tiny_tokenizer(texts)
+    config = _internvl_config(
+        tokenizer,
+        vision=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
+        text=dict(
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+        ),
+        image_size=64,
+        patch_size=8,
+        vocab_size=len(tokenizer),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = InternVLForConditionalGeneration(config)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp", dir=out_dir.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    _image_processor(64).save_pretrained(tmp)
+    try:
+        tmp.rename(out_dir)
+    except OSError:  # another process built it first: theirs is identical (same seed and texts)
+        shutil.rmtree(tmp)
+    return out_dir
+
+
+def tiny_dir(texts: Iterable[str] = (), seed: int = 0, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Build (once) and return the cached tiny checkpoint for these texts and seed."""
+    texts = list(texts)
+    digest = hashlib.sha256(json.dumps([TINY_VERSION, seed, texts]).encode()).hexdigest()[:12]
+    cache_dir = Path(cache_dir or os.environ.get("MMC_CACHE", Path.home() / ".cache" / "multimodal_coconut"))
+    path = cache_dir / f"tiny-{digest}"
+    if not (path / "config.json").exists():
+        build_tiny(path, texts, seed)
+    return path
+
+
+def internvl3_1b_shape(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """A random-weight model with the exact shapes of InternVL3-1B (InternViT-300M at 448px + Qwen2.5-0.5B)."""
+    from transformers import InternVLForConditionalGeneration
+
+    tokenizer = train_tiny_tokenizer([])
+    config = _internvl_config(
+        tokenizer,
+        vision=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+        text=dict(
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            rope_theta=1_000_000.0,
+        ),
+        image_size=448,
+        patch_size=14,
+        vocab_size=151674,
+    )
+    with torch.device(device):
+        model = InternVLForConditionalGeneration(config).to(dtype)
+    return model, tokenizer, _image_processor(448)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _is_original_internvl(config) -> bool:
+    return "InternVLChatModel" in (getattr(config, "architectures", None) or []) or getattr(
+        config, "model_type", ""
+    ) == "internvl_chat"
+
+
+def load_backbone(
+    model_id: str,
+    *,
+    trust_remote_code: bool = False,
+    image_size: int | None = None,
+    min_num_patches: int = 1,
+    max_num_patches: int = 12,
+    use_thumbnail: bool = True,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = "sdpa",
+    tiny_texts: Iterable[str] = (),
+    seed: int = 0,
+) -> Backbone:
+    """Load a backbone by `model_id` (a preset name, a local directory or a hub id) and add Coconut's tokens.
+
+    `image_size` defaults to the checkpoint's tile size; tiling follows InternVL's dynamic preprocessing
+    (`min_num_patches`..`max_num_patches` tiles, plus a thumbnail when `use_thumbnail` and more than one tile).
+    """
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    if model_id == "internvl3-1b-shape":
+        model, tokenizer, image_processor = internvl3_1b_shape(dtype)
+        return _finish(model, tokenizer, image_processor, "hf_internvl", image_size, min_num_patches,
+                       max_num_patches, use_thumbnail)
+    path = str(tiny_dir(tiny_texts, seed)) if model_id == "tiny" else model_id
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    kwargs = dict(dtype=dtype)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if getattr(config, "model_type", "") == "internvl":
+        from transformers import InternVLForConditionalGeneration
+
+        model = InternVLForConditionalGeneration.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        image_processor = AutoImageProcessor.from_pretrained(path)
+        kind = "hf_internvl"
+    elif _is_original_internvl(config):
+        if not trust_remote_code:
+            raise ValueError(
+                f"{model_id} is an original-format InternVL checkpoint (InternVLChatModel), which runs the "
+                "checkpoint's own Python code. Set `trust_remote_code: true` in the config to allow it, or use "
+                "the native Hugging Face conversion (e.g. OpenGVLab/InternVL3-1B-hf)."
+            )
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+        image_processor = _image_processor(config.force_image_size or config.vision_config.image_size)
+        kind = "original_internvl"
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        image_processor = None
+        kind = "causal_lm"
+    return _finish(model, tokenizer, image_processor, kind, image_size, min_num_patches, max_num_patches,
+                   use_thumbnail)
+
+
+def _finish(model, tokenizer, image_processor, kind, image_size, min_num_patches, max_num_patches, use_thumbnail):
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    start_id, end_id, latent_id = add_latent_tokens(model, tokenizer)
+    if kind == "causal_lm":
+        tokens_per_tile, image_token_id = 0, None
+    else:
+        image_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
+        if image_token_id is None or image_token_id == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {IMG_CONTEXT} token, so images cannot be placed in the text")
+        if kind == "original_internvl":
+            model.img_context_token_id = image_token_id
+            tokens_per_tile = int(model.num_image_token)
+        else:
+            vc = model.config.vision_config
+            grid = vc.image_size[0] // vc.patch_size[0]
+            tokens_per_tile = int(grid * grid * model.config.downsample_ratio**2)
+        tile = image_processor.size["height"]
+        if image_size is not None and image_size != tile:
+            raise ValueError(
+                f"image_size={image_size} but the checkpoint's vision encoder takes {tile}px tiles; "
+                f"set image_size: {tile} (InternVL tiles are fixed by the vision encoder)"
+            )
+        image_processor.min_patches, image_processor.max_patches = min_num_patches, max_num_patches
+        image_processor.use_thumbnail = use_thumbnail
+    return Backbone(
+        model=model,
+        tokenizer=tokenizer,
+        image_processor=image_processor,
+        tokens_per_tile=tokens_per_tile,
+        image_token_id=image_token_id,
+        start_latent_id=start_id,
+        end_latent_id=end_id,
+        latent_id=latent_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _language_model(model: nn.Module) -> nn.Module:
+    """The causal LM that owns the input embeddings and LM head (the model itself for text-only LMs)."""
+    if _is_original_internvl(model.config):
+        return model.language_model
+    return model
+
+
+def add_latent_tokens(model: nn.Module, tokenizer) -> tuple[int, int, int]:
+    """Add `<|start-latent|>`, `<|end-latent|>`, `<|latent|>` (in this order) and resize the embeddings.
+
+    New rows of the input embeddings and of the (untied) LM head start as copies of an existing token's rows, as in
+    the original Coconut. A tokenizer that already has the tokens (a saved Coconut checkpoint) is left as it is, so
+    loading never re-initialises trained rows.
+    """
+    new = [t for t in (START_LATENT, END_LATENT, LATENT) if t not in tokenizer.get_vocab()]
+    if new and len(new) != 3:
+        raise ValueError(f"the tokenizer has only some of Coconut's tokens (missing {new}); it is inconsistent")
+    lm = _language_model(model)
+    if new:
+        init_id = tokenizer.encode("<<", add_special_tokens=False)[0]
+        tokenizer.add_tokens(new, special_tokens=True)
+        if len(tokenizer) > lm.get_input_embeddings().weight.shape[0]:
+            lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    ids = tuple(tokenizer.convert_tokens_to_ids(t) for t in (START_LATENT, END_LATENT, LATENT))
+    if new:
+        with torch.no_grad():
+            for emb in (lm.get_input_embeddings(), lm.get_output_embeddings()):
+                emb.weight[list(ids)] = emb.weight[init_id].clone()  # a tied head just gets the rows twice
+    if lm is not model:  # the outer config of an original-format InternVL keeps its own copy of the vocab size
+        model.config.llm_config.vocab_size = lm.config.vocab_size
+    return ids

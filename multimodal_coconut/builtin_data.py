@@ -1,0 +1,247 @@
+"""Built-in visual reasoning set: 2x2 grids of coloured shapes, written in the A-OKVQA v1p0 format.
+
+    python -m multimodal_coconut.builtin_data --out data/generated/builtin --train 2000 --val 200 --seed 0
+
+Every image is a 2x2 grid on a grey background. Each cell holds one large filled shape, and each image
+uses every colour of COLORS once and every shape of SHAPES once, so "the triangle" or "the red shape"
+always names exactly one object. A question names a start object by one attribute and walks 0-3 hops
+between neighbouring cells ("right of", "left of", "above", "below"; no cell visited twice), then asks
+for the other attribute of the cell it ends on:
+
+    1 step   What color is the triangle?
+    2 steps  What shape is right of the red shape?
+    3 steps  What color is the shape below the shape right of the triangle?
+    4 steps  What shape is left of the shape below the shape right of the red shape?
+
+`steps` holds one sentence per step (locate the start, then one per hop), in order. The start is named
+by the attribute the question does not ask for, and the colour and shape layouts are independent
+random permutations, so the answer is independent of the question text: without the image a model
+can only guess (25% on multiple choice). Number of steps x answer kind x answer x position of the
+answer among the choices is balanced exactly in blocks of 128 questions.
+
+Files (what A-OKVQA's loader and official evaluation script read):
+    {out_dir}/aokvqa_v1p0_{split}.json          list of records, A-OKVQA fields plus `steps`
+    {out_dir}/{split}2017/{image_id:012d}.jpg   COCO-2017 naming; image ids are unique across splits
+    {out_dir}/builtin_meta.json                 what was generated; a matching file means nothing to do
+As in the official files, "test" records carry no answers: no `correct_choice_idx`, `direct_answers`,
+`rationales`, nor `steps` (the steps give the answer away).
+"""
+
+import argparse
+import json
+import os
+import random
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+VERSION = 1  # bump when the content changes, so existing generated sets are rebuilt
+COLORS = {"red": (230, 30, 30), "green": (30, 170, 40), "blue": (30, 70, 230), "yellow": (240, 210, 20)}
+SHAPES = ("circle", "square", "triangle", "cross")
+# Close to the ImageNet mean, so the background is ~0 after the vision encoder's normalisation.
+BACKGROUND = (128, 128, 128)
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")  # cell index = 2 * row + col
+# relation -> (cell -> the cell in that relation to it, or None). "X right of Y": X = Y + 1.
+RELATIONS = {
+    "right of": lambda c: c + 1 if c % 2 == 0 else None,
+    "left of": lambda c: c - 1 if c % 2 == 1 else None,
+    "above": lambda c: c - 2 if c >= 2 else None,
+    "below": lambda c: c + 2 if c < 2 else None,
+}
+_MOVES = {"right of": "right", "left of": "left", "above": "up", "below": "down"}
+_SPLIT_ORDER = ("train", "val", "test")
+_META = "builtin_meta.json"
+# (number of steps, answer kind, answer index, position among the choices): balanced in blocks of these
+_BLOCK = [(n, kind, v, i) for n in (1, 2, 3, 4) for kind in ("color", "shape") for v in range(4) for i in range(4)]
+
+
+def render_scene(colors, shapes, image_px=64):
+    """Draw the grid: cell k (row-major) holds shapes[k] filled with COLORS[colors[k]]."""
+    img = Image.new("RGB", (image_px, image_px), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    cell = image_px / 2
+    r = 0.375 * cell  # half-size of a shape: 12 px in a 32 px cell
+    w = r / 3  # half-width of the cross's arms
+    for k, (color, shape) in enumerate(zip(colors, shapes)):
+        cx, cy = (k % 2 + 0.5) * cell, (k // 2 + 0.5) * cell
+        fill = COLORS[color]
+        if shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif shape == "square":
+            draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif shape == "triangle":
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+        elif shape == "cross":
+            draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
+            draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+        else:
+            raise ValueError(f"unknown shape {shape!r}")
+    return img
+
+
+def _make_example(rng, n_steps, kind, value_idx, choice_idx):
+    """One scene and question whose answer is the `value_idx`-th colour/shape, at `choice_idx` among the choices."""
+    start = rng.randrange(4)
+    cells, hops = [start], []
+    for _ in range(n_steps - 1):
+        options = [(rel, f(cells[-1])) for rel, f in RELATIONS.items() if f(cells[-1]) not in (None, *cells)]
+        rel, cell = rng.choice(options)
+        hops.append(rel)
+        cells.append(cell)
+    target = cells[-1]
+
+    colors = rng.sample(list(COLORS), 4)
+    shapes = rng.sample(SHAPES, 4)
+    vocab = list(COLORS) if kind == "color" else list(SHAPES)
+    answer = vocab[value_idx]
+    # Swapping the answer into the target cell keeps the permutation uniform given the answer.
+    layout = colors if kind == "color" else shapes
+    j = layout.index(answer)
+    layout[j], layout[target] = layout[target], layout[j]
+
+    def obj(k):
+        return f"{colors[k]} {shapes[k]}"
+
+    # The start is named by the attribute that is not asked for (see the module docstring).
+    start_ref = shapes[start] if kind == "color" else f"{colors[start]} shape"
+    nested = f"the {start_ref}"
+    for rel in hops:
+        nested = f"the shape {rel} {nested}"
+    if kind == "color":
+        question = f"What color is {nested}?"
+    elif hops:
+        question = f"What shape is {nested[len('the shape '):]}?"
+    else:
+        question = f"What shape is {colors[start]}?"
+
+    first = f"The {start_ref} is at the {POSITIONS[start]}"
+    if not hops:
+        last = colors[start] if kind == "color" else f"a {shapes[start]}"
+        steps = [f"{first} and it is {last}."]
+    else:
+        steps = [f"{first}."]
+        steps += [f"The shape {rel} it is the {obj(c)} at the {POSITIONS[c]}." for rel, c in zip(hops, cells[1:])]
+    walk = "".join(f", go {_MOVES[rel]}" for rel in hops)
+    rationales = [
+        " ".join(steps),
+        f"Start at the {start_ref} in the {POSITIONS[start]}{walk}; that cell holds a {obj(target)},"
+        f" so the answer is {answer}.",
+        f"The question is about the {obj(target)} at the {POSITIONS[target]}, which makes the answer {answer}.",
+    ]
+
+    others = [v for v in vocab if v != answer]
+    rng.shuffle(others)
+    choices = others[:choice_idx] + [answer] + others[choice_idx:]
+    return colors, shapes, question, choices, steps, rationales
+
+
+def _split_records(split, n, seed, first_image_id, image_px, image_dir):
+    """Generate one split: write its images and return its records."""
+    rng = random.Random(f"builtin-v{VERSION}-{seed}-{split}")
+    records, block = [], []
+    for i in range(n):
+        if not block:  # exact balance within every block of len(_BLOCK) questions
+            block = list(_BLOCK)
+            rng.shuffle(block)
+        n_steps, kind, value_idx, choice_idx = block.pop()
+        colors, shapes, question, choices, steps, rationales = _make_example(rng, n_steps, kind, value_idx, choice_idx)
+        image_id = first_image_id + i
+        _atomic_save_jpeg(render_scene(colors, shapes, image_px), image_dir / f"{image_id:012d}.jpg")
+        record = {"split": split, "image_id": image_id, "question_id": f"builtin_{split}_{i:06d}",
+                  "question": question, "choices": choices}
+        if split == "test":
+            record["difficult_direct_answer"] = False
+        else:
+            record.update(correct_choice_idx=choice_idx, direct_answers=[choices[choice_idx]] * 10,
+                          difficult_direct_answer=False, rationales=rationales, steps=steps)
+        records.append(record)
+    return records
+
+
+def _tmp(path):
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _atomic_save_jpeg(img, path):
+    tmp = _tmp(path)
+    # 4:4:4 chroma keeps shape edges the shape's colour; quality 95 keeps colours within a few levels.
+    img.save(tmp, format="JPEG", quality=95, subsampling=0)
+    os.replace(tmp, path)
+
+
+def _atomic_write_json(obj, path):
+    tmp = _tmp(path)
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def generate_builtin(out_dir, splits=None, seed=0, image_px=64):
+    """Write the built-in set under `out_dir`; return {split: path of aokvqa_v1p0_{split}.json}.
+
+    `splits` maps split name to number of questions (one image each); default {"train": 2000, "val": 200}.
+    Does nothing when `builtin_meta.json` records the same version, seed, sizes and image size and every
+    json exists; otherwise regenerates everything it previously generated there. Refuses to write into a
+    directory that holds A-OKVQA json files it did not generate.
+    """
+    out_dir = Path(out_dir)
+    splits = dict({"train": 2000, "val": 200} if splits is None else splits)
+    if not splits:
+        raise ValueError("splits is empty")
+    for name, n in splits.items():
+        if not (isinstance(name, str) and name.isalnum()):
+            raise ValueError(f"split name must be alphanumeric, got {name!r}")
+        if not (isinstance(n, int) and n >= 1):
+            raise ValueError(f"split {name!r}: size must be an int >= 1, got {n!r}")
+    if not (isinstance(image_px, int) and image_px >= 16 and image_px % 2 == 0):
+        raise ValueError(f"image_px must be an even int >= 16, got {image_px!r}")
+    # Canonical order, so image ids do not depend on the order the caller listed the splits in.
+    names = sorted(splits, key=lambda s: (_SPLIT_ORDER.index(s) if s in _SPLIT_ORDER else len(_SPLIT_ORDER), s))
+    meta = {"version": VERSION, "seed": seed, "image_px": image_px, "splits": {s: splits[s] for s in names}}
+    paths = {s: out_dir / f"aokvqa_v1p0_{s}.json" for s in names}
+
+    meta_path = out_dir / _META
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        if old == meta and all(p.exists() for p in paths.values()):
+            return paths
+        # Remove what the previous generation wrote, so no stale image or json outlives it.
+        meta_path.unlink()
+        for s in old["splits"]:
+            shutil.rmtree(out_dir / f"{s}2017", ignore_errors=True)
+            (out_dir / f"aokvqa_v1p0_{s}.json").unlink(missing_ok=True)
+    elif out_dir.exists():
+        foreign = sorted(out_dir.glob("aokvqa_v1p0_*.json"))
+        if foreign:
+            raise FileExistsError(
+                f"{out_dir} holds {foreign[0].name} without {_META}: not a built-in set, not overwriting")
+
+    next_id = 1
+    for s in names:
+        image_dir = out_dir / f"{s}2017"
+        image_dir.mkdir(parents=True, exist_ok=True)
+        records = _split_records(s, splits[s], seed, next_id, image_px, image_dir)
+        next_id += splits[s]
+        _atomic_write_json(records, paths[s])
+    _atomic_write_json(meta, meta_path)  # last: a run cut short leaves no matching meta behind
+    return paths
+
+
+def main(argv=None):
+    """CLI: generate the built-in set and print the json path of each split."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=Path("data/generated/builtin"), help="output directory")
+    p.add_argument("--train", type=int, default=2000, help="number of train questions")
+    p.add_argument("--val", type=int, default=200, help="number of val questions")
+    p.add_argument("--test", type=int, default=0, help="number of test questions (no answers); 0 = no test split")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-px", type=int, default=64, help="image side in pixels")
+    args = p.parse_args(argv)
+    splits = {name: n for name, n in (("train", args.train), ("val", args.val), ("test", args.test)) if n > 0}
+    for split, path in generate_builtin(args.out, splits, seed=args.seed, image_px=args.image_px).items():
+        print(f"{split}: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+import copy
+import os
+
+import pytest
+import torch
+
+# Built models are cached per test session, never in the user's cache.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _model_cache(tmp_path_factory):
+    os.environ["MMC_CACHE"] = str(tmp_path_factory.mktemp("mmc_cache"))
+
+
+@pytest.fixture(scope="session")
+def _tiny():
+    from multimodal_coconut import load_backbone
+
+    return load_backbone("tiny", image_size=64, max_num_patches=4)
+
+
+@pytest.fixture
+def tiny(_tiny):
+    """A fresh copy of the tiny InternVL backbone (tests may train it)."""
+    return copy.deepcopy(_tiny)
+
+
+@pytest.fixture(scope="session")
+def _tiny_lm(tmp_path_factory, _tiny):
+    """A plain text-only causal LM (Qwen2) saved as an HF directory and loaded through the loader."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from multimodal_coconut import load_backbone
+    from multimodal_coconut.backbone import train_tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_lm")
+    tokenizer = train_tiny_tokenizer([])
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return load_backbone(str(path))
+
+
+@pytest.fixture
+def tiny_lm(_tiny_lm):
+    return copy.deepcopy(_tiny_lm)
