@@ -80,23 +80,38 @@ class MultimodalCoconut(nn.Module):
             self.image_token_id = base_model.img_context_token_id
             if self.image_token_id is None:
                 raise ValueError("InternVLChatModel.img_context_token_id is not set (the loader sets it)")
-            lm = base_model.language_model
-            self.decoder, self.lm_head = lm.get_decoder(), lm.get_output_embeddings()
         elif getattr(config, "model_type", "") == "internvl":  # transformers' InternVLForConditionalGeneration
             self.kind = "hf_internvl"
             self.image_token_id = config.image_token_id
-            self.decoder, self.lm_head = base_model.model.language_model, base_model.lm_head
         else:  # any causal LM, text only
             self.kind = "causal_lm"
             self.image_token_id = None
-            self.decoder, self.lm_head = base_model.get_decoder(), base_model.get_output_embeddings()
-        self.embedding = self.decoder.get_input_embeddings()
         vocab = self.embedding.weight.shape[0]
         for name in ("latent_token_id", "start_latent_id", "end_latent_id", "eos_token_id"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value < vocab:
                 raise ValueError(f"{name}={value!r} is not a token id of this model (vocabulary size {vocab})")
         self.num_layers = len(self.decoder.layers)
+
+    # The parts are looked up, not stored: assigning them as attributes would register every parameter twice.
+    @property
+    def decoder(self) -> nn.Module:
+        """The language model without its head (returns hidden states after the final norm)."""
+        if self.kind == "original_internvl":
+            return self.base_model.language_model.get_decoder()
+        if self.kind == "hf_internvl":
+            return self.base_model.model.language_model
+        return self.base_model.get_decoder()
+
+    @property
+    def lm_head(self) -> nn.Module:
+        if self.kind == "original_internvl":
+            return self.base_model.language_model.get_output_embeddings()
+        return self.base_model.get_output_embeddings()
+
+    @property
+    def embedding(self) -> nn.Module:
+        return self.decoder.get_input_embeddings()
 
     # -- embeddings -------------------------------------------------------------------------------------------
 
@@ -156,6 +171,10 @@ class MultimodalCoconut(nn.Module):
         start = cuts[-1] + 1 if cuts else 1
         cuts += list(range(start, min(T, start + min_passes - 1 - len(cuts))))
         return [0, *cuts, T], n_latents
+
+    def num_passes(self, input_ids: torch.Tensor) -> int:
+        """Decoder calls `forward` makes for this batch (ranks agree on the maximum under FSDP: `min_passes`)."""
+        return len(self._pass_bounds(input_ids)[0]) - 1
 
     def _run(self, embeds, attention_mask, position_ids, bounds, n_latents, cache=None):
         """Run the passes; returns (hidden (B, T, C), fed embeddings (B, T, C), cache)."""
@@ -239,8 +258,7 @@ class MultimodalCoconut(nn.Module):
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         min_passes = 0
         if synced_gpus:
-            bounds, _ = self._pass_bounds(input_ids)
-            min_passes = _all_reduce_max(len(bounds) - 1, input_ids.device)
+            min_passes = _all_reduce_max(self.num_passes(input_ids), input_ids.device)
         embeds = self.embed(input_ids, pixel_values)
         bounds, n_latents = self._pass_bounds(input_ids, min_passes)
         hidden, _, cache = self._run(embeds, attention_mask, position_ids, bounds, n_latents)

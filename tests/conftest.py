@@ -27,24 +27,38 @@ def tiny(_tiny):
     return copy.deepcopy(_tiny)
 
 
-@pytest.fixture(scope="session")
-def _tiny_lm(tmp_path_factory, _tiny):
+def _build_lm(path, tied):
     """A plain text-only causal LM (Qwen2) saved as an HF directory and loaded through the loader."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from multimodal_coconut import load_backbone
     from multimodal_coconut.backbone import train_tiny_tokenizer
 
-    path = tmp_path_factory.mktemp("tiny_lm")
     tokenizer = train_tiny_tokenizer([])
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
     torch.manual_seed(0)
     Qwen2ForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return load_backbone(str(path))
 
 
+@pytest.fixture(scope="session")
+def _tiny_lm(tmp_path_factory):
+    return _build_lm(tmp_path_factory.mktemp("tiny_lm"), tied=False)
+
+
 @pytest.fixture
 def tiny_lm(_tiny_lm):
     return copy.deepcopy(_tiny_lm)
+
+
+@pytest.fixture(scope="session")
+def _tiny_lm_tied(tmp_path_factory):
+    return _build_lm(tmp_path_factory.mktemp("tiny_lm_tied"), tied=True)
+
+
+@pytest.fixture
+def tiny_lm_tied(_tiny_lm_tied):
+    """Tied input embeddings and LM head, as GPT-2 in the original Coconut."""
+    return copy.deepcopy(_tiny_lm_tied)

@@ -57,7 +57,7 @@ def test_no_latents_no_images_equals_backbone(tiny):
     assert (ours.logits[mask.bool()] - ref.logits[mask.bool()]).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("backbone", ["tiny", "tiny_lm"])
+@pytest.mark.parametrize("backbone", ["tiny", "tiny_lm", "tiny_lm_tied"])
 def test_latent_passes_equal_naive_recompute(backbone, request):
     bb = request.getfixturevalue(backbone)
     model = wrap(bb)
@@ -139,16 +139,20 @@ def trim(tokens, eos):
     return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
 
 
-def make_eos_likely(model, bb, token):
-    """Make EOS win wherever `token` would (so rows stop early) by giving it a slightly larger LM-head row.
-
-    Also separates the rows of the three new tokens: they start as exact copies of one token's row, and with tied
-    embeddings (tiny_lm) exact ties in the logits make greedy argmax depend on the kernel's reduction order."""
+def separate_new_rows(model, bb):
+    """The three new tokens' LM-head rows start as exact copies of one token's row; with tied embeddings (tiny_lm)
+    such exact ties in the logits make greedy argmax depend on the kernel's reduction order. Separate them."""
     with torch.no_grad():
         w = model.lm_head.weight
         new = [bb.start_latent_id, bb.end_latent_id, bb.latent_id]
         w[new] += 0.01 * torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(0))
-        w[bb.eos_token_id] = 1.1 * w[token]
+
+
+def swap_rows(model, a, b):
+    """Swap two LM-head rows: EOS then wins exactly where `token` did, so rows stop early."""
+    with torch.no_grad():
+        w = model.lm_head.weight
+        w[[a, b]] = w[[b, a]]
 
 
 @pytest.mark.parametrize("backbone", ["tiny", "tiny_lm"])
@@ -157,14 +161,15 @@ def test_batched_generate_equals_each_row_alone(backbone, request):
     model = wrap(bb)
     rows, pixel_values, n_tiles = prompts(bb, bb.is_multimodal)
     input_ids, mask, _, pos = collate(bb, rows)
-    make_eos_likely(model, bb, bb.eos_token_id)  # only separates the new tokens' rows
+    separate_new_rows(model, bb)
     plain = model.generate(input_ids, mask, pixel_values, max_new_tokens=12, position_ids=pos)
-    for token in plain[1, input_ids.shape[1] + 2:].unique():  # the first choice that stops some rows, not all
-        make_eos_likely(model, bb, int(token))
+    for token in plain[0, input_ids.shape[1]:].unique():  # the first swap that stops some rows early, not all
+        swap_rows(model, bb.eos_token_id, int(token))
         out = model.generate(input_ids, mask, pixel_values, max_new_tokens=12, position_ids=pos)
         ends = [trim(r, bb.eos_token_id) for r in out[:, input_ids.shape[1]:]]
         if min(map(len, ends)) < 12 and max(map(len, ends)) > 1:
             break
+        swap_rows(model, bb.eos_token_id, int(token))
     assert out.shape[0] == 3 and torch.equal(out[:, : input_ids.shape[1]], input_ids)
     new = out[:, input_ids.shape[1]:]
     starts = [0, *torch.tensor(n_tiles).cumsum(0).tolist()]
@@ -219,3 +224,10 @@ def test_text_only_backbone_rejects_pixels(tiny_lm):
     ids = torch.tensor([row_tokens(tiny_lm, "hi", 0, 1, "### a")])
     with pytest.raises(ValueError, match="text-only"):
         model(ids, torch.ones_like(ids), pixel_values=tiles(1, 0))
+
+
+def test_state_dict_holds_each_parameter_once(tiny):
+    model = wrap(tiny)
+    keys = list(model.state_dict())
+    assert keys and all(k.startswith("base_model.") for k in keys)
+    assert len(keys) == len(tiny.model.state_dict())
