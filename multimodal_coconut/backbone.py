@@ -15,6 +15,7 @@ and `internvl3-1b-shape` (the exact shapes of InternVL3-1B with random weights, 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -32,7 +33,7 @@ START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|late
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PRESETS = ("tiny", "internvl3-1b-shape")
-TINY_VERSION = 1  # bump when the tiny architecture changes, so cached copies are rebuilt
+TINY_VERSION = 2  # bump when the tiny architecture changes, so cached copies are rebuilt
 
 
 @dataclass
@@ -127,19 +128,22 @@ def _image_processor(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
 def build_tiny(out_dir: str | os.PathLike, texts: Iterable[str] = (), seed: int = 0) -> Path:
     """Write a tiny random-weight InternVL checkpoint directory (model, tokenizer, image processor) to `out_dir`.
 
-    64px tiles, 8px patches -> 16 image tokens per tile; ~2M parameters. Deterministic by `seed` and `texts`.
+    64px tiles, 8px patches -> 16 image tokens per tile; 2.1M (vocabulary ~470 tokens, the built-in data) to 2.3M
+    (1024 tokens) parameters, sized so that forward + backward of 16 samples x 80 tokens with one tile each takes
+    ~0.2 s on one CPU core. Deterministic by `seed` and `texts`.
     The directory is written under a temporary name and renamed, so a crash never leaves a half-built model.
     """
     from transformers import InternVLForConditionalGeneration
 
+    _quiet_transformers()
     out_dir = Path(out_dir)
     tokenizer = train_tiny_tokenizer(texts)
     config = _internvl_config(
         tokenizer,
         vision=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
         text=dict(
-            hidden_size=128,
-            intermediate_size=512,
+            hidden_size=160,
+            intermediate_size=768,
             num_hidden_layers=4,
             num_attention_heads=4,
             num_key_value_heads=2,
@@ -176,13 +180,20 @@ def tiny_dir(texts: Iterable[str] = (), seed: int = 0, cache_dir: str | os.PathL
 
 
 def internvl3_1b_shape(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """A random-weight model with the exact shapes of InternVL3-1B (InternViT-300M at 448px + Qwen2.5-0.5B)."""
+    """A random-weight model with the exact shapes of InternVL3-1B (InternViT-300M at 448px + Qwen2.5-0.5B).
+
+    938,193,024 parameters: vision 304.0M, projector 4.5M, language model 493.8M + untied LM head 135.9M. Pass
+    `device="meta"` to get the shapes without allocating memory. The tokenizer is the tiny one (the vocabulary size
+    is InternVL3's, 151674, so every id of the tiny tokenizer is valid).
+    """
     from transformers import InternVLForConditionalGeneration
 
     tokenizer = train_tiny_tokenizer([])
     config = _internvl_config(
         tokenizer,
-        vision=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+        # InternViT-300M-448px: qkv_bias=true, layer scale, no final norm (use_mean_pooling makes it an Identity).
+        vision=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                    attention_bias=True),
         text=dict(
             hidden_size=896,
             intermediate_size=4864,
@@ -207,9 +218,71 @@ def internvl3_1b_shape(dtype: torch.dtype = torch.float32, device: str | torch.d
 
 
 def _is_original_internvl(config) -> bool:
-    return "InternVLChatModel" in (getattr(config, "architectures", None) or []) or getattr(
-        config, "model_type", ""
-    ) == "internvl_chat"
+    """True for an original-format InternVL config (InternVLChatModel): a config object or a config.json dict."""
+    get = config.get if isinstance(config, dict) else functools.partial(getattr, config)
+    return "InternVLChatModel" in (get("architectures", None) or []) or get("model_type", "") == "internvl_chat"
+
+
+def _config_json(path: str) -> dict:
+    """The checkpoint's config.json (local directory or hub id), read before transformers builds any config class."""
+    from transformers.utils import cached_file
+
+    local = Path(path).expanduser()
+    if (local / "config.json").is_file():
+        return json.loads((local / "config.json").read_text())
+    if local.is_dir() or path.startswith((os.sep, ".", "~")):
+        raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json there)")
+    return json.loads(Path(cached_file(path, "config.json")).read_text())
+
+
+def _square(size, what: str) -> int:
+    """A tile or patch size given as an int or as (height, width), as an int; InternVL tiles are square."""
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise ValueError(f"{what} is {list(size)}, but InternVL tiles are square")
+        size = size[0]
+    return int(size)
+
+
+def _tile_size(config: dict) -> int:
+    """The vision encoder's tile size in pixels, from a native or original-format InternVL config.json."""
+    vision = config.get("vision_config") or {}
+    if _is_original_internvl(config):
+        return _square(config.get("force_image_size") or vision["image_size"], "the checkpoint's tile size")
+    return _square(vision.get("image_size", 448), "the checkpoint's tile size")  # 448: InternVLVisionConfig default
+
+
+def _ensure_post_init(model_class) -> None:
+    """Make `model_class.__init__` end with `post_init()` when the class's own code does not call it.
+
+    InternVL's remote code was written for transformers 4.x and never calls `post_init()`; transformers 5 relies on
+    what it sets up, so `from_pretrained` fails ("no attribute 'all_tied_weights_keys'") without it.
+    """
+    if "_coconut_post_init" in model_class.__dict__:
+        return
+    init = model_class.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if not hasattr(self, "all_tied_weights_keys"):
+            self.post_init()
+
+    model_class.__init__ = __init__
+    model_class._coconut_post_init = True
+
+
+def _load_original_internvl(path: str, dtype: torch.dtype):
+    """InternVLChatModel with the checkpoint's own code, through `AutoModel.from_pretrained(trust_remote_code=True)`."""
+    from transformers import AutoConfig, AutoModel
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    reference = (getattr(config, "auto_map", None) or {}).get("AutoModel")
+    if reference is None:
+        raise ValueError(f"{path}: config.json has no auto_map entry for AutoModel, so its model code cannot be found")
+    _ensure_post_init(get_class_from_dynamic_module(reference, path))  # the class AutoModel resolves (cached module)
+    return AutoModel.from_pretrained(path, config=config, trust_remote_code=True, dtype=dtype)
 
 
 def load_backbone(
@@ -224,55 +297,75 @@ def load_backbone(
     attn_implementation: str | None = "sdpa",
     tiny_texts: Iterable[str] = (),
     seed: int = 0,
+    device: str | torch.device | None = None,
 ) -> Backbone:
     """Load a backbone by `model_id` (a preset name, a local directory or a hub id) and add Coconut's tokens.
 
-    `image_size` defaults to the checkpoint's tile size; tiling follows InternVL's dynamic preprocessing
-    (`min_num_patches`..`max_num_patches` tiles, plus a thumbnail when `use_thumbnail` and more than one tile).
+    `image_size` defaults to the checkpoint's tile size (any other value is an error: the vision encoder fixes it);
+    tiling follows InternVL's dynamic preprocessing (`min_num_patches`..`max_num_patches` tiles, plus a thumbnail when
+    `use_thumbnail` and more than one tile). Original-format InternVL checkpoints run their own Python code and are
+    loaded only with `trust_remote_code=True`. `device` is where the model is put; the `internvl3-1b-shape` preset is
+    built there directly (`"meta"` gives its shapes without allocating memory).
     """
-    from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
     if model_id == "internvl3-1b-shape":
-        model, tokenizer, image_processor = internvl3_1b_shape(dtype)
-        return _finish(model, tokenizer, image_processor, "hf_internvl", image_size, min_num_patches,
-                       max_num_patches, use_thumbnail)
+        _check_image_size(image_size, 448)
+        model, tokenizer, image_processor = internvl3_1b_shape(dtype, device or "cpu")
+        return _finish(model, tokenizer, image_processor, "hf_internvl", min_num_patches, max_num_patches,
+                       use_thumbnail)
     path = str(tiny_dir(tiny_texts, seed)) if model_id == "tiny" else model_id
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    # Decide from config.json itself: transformers' own config classes would already refuse remote code, less clearly.
+    config = _config_json(path)
     kwargs = dict(dtype=dtype)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    if getattr(config, "model_type", "") == "internvl":
-        from transformers import InternVLForConditionalGeneration
-
-        model = InternVLForConditionalGeneration.from_pretrained(path, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        image_processor = AutoImageProcessor.from_pretrained(path)
-        kind = "hf_internvl"
-    elif _is_original_internvl(config):
+    if _is_original_internvl(config):
         if not trust_remote_code:
             raise ValueError(
                 f"{model_id} is an original-format InternVL checkpoint (InternVLChatModel), which runs the "
                 "checkpoint's own Python code. Set `trust_remote_code: true` in the config to allow it, or use "
                 "the native Hugging Face conversion (e.g. OpenGVLab/InternVL3-1B-hf)."
             )
-        from transformers import AutoModel
-
-        model = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=dtype)
+        tile = _tile_size(config)
+        _check_image_size(image_size, tile)
+        model = _load_original_internvl(path, dtype)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
-        image_processor = _image_processor(config.force_image_size or config.vision_config.image_size)
+        image_processor = _image_processor(tile)  # the original's own preprocessing: ImageNet mean/std, square tiles
         kind = "original_internvl"
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    elif config.get("model_type") == "internvl":
+        from transformers import InternVLForConditionalGeneration
+
+        tile = _tile_size(config)
+        _check_image_size(image_size, tile)
+        model = InternVLForConditionalGeneration.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
+        image_processor = AutoImageProcessor.from_pretrained(path)
+        if image_processor.size["height"] != tile or image_processor.size["width"] != tile:
+            raise ValueError(f"{model_id}: the image processor makes {image_processor.size} tiles but the vision "
+                             f"encoder takes {tile}px tiles; the checkpoint is inconsistent")
+        kind = "hf_internvl"
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         image_processor = None
         kind = "causal_lm"
-    return _finish(model, tokenizer, image_processor, kind, image_size, min_num_patches, max_num_patches,
-                   use_thumbnail)
+    if device is not None:
+        model = model.to(device)
+    return _finish(model, tokenizer, image_processor, kind, min_num_patches, max_num_patches, use_thumbnail)
 
 
-def _finish(model, tokenizer, image_processor, kind, image_size, min_num_patches, max_num_patches, use_thumbnail):
+def _check_image_size(image_size: int | None, tile: int) -> None:
+    if image_size is not None and image_size != tile:
+        raise ValueError(
+            f"image_size={image_size} but the checkpoint's vision encoder takes {tile}px tiles; "
+            f"set image_size: {tile} (InternVL tiles are fixed by the vision encoder)"
+        )
+
+
+def _finish(model, tokenizer, image_processor, kind, min_num_patches, max_num_patches, use_thumbnail):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     start_id, end_id, latent_id = add_latent_tokens(model, tokenizer)
@@ -287,14 +380,8 @@ def _finish(model, tokenizer, image_processor, kind, image_size, min_num_patches
             tokens_per_tile = int(model.num_image_token)
         else:
             vc = model.config.vision_config
-            grid = vc.image_size[0] // vc.patch_size[0]
+            grid = _square(vc.image_size, "image_size") // _square(vc.patch_size, "patch_size")
             tokens_per_tile = int(grid * grid * model.config.downsample_ratio**2)
-        tile = image_processor.size["height"]
-        if image_size is not None and image_size != tile:
-            raise ValueError(
-                f"image_size={image_size} but the checkpoint's vision encoder takes {tile}px tiles; "
-                f"set image_size: {tile} (InternVL tiles are fixed by the vision encoder)"
-            )
         image_processor.min_patches, image_processor.max_patches = min_num_patches, max_num_patches
         image_processor.use_thumbnail = use_thumbnail
     return Backbone(

@@ -66,6 +66,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(value: int | float) -> int | float:
+    """The largest `value` over ranks (the value itself without a process group)."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return type(value)(t.item())
+
+
 def broadcast_object(obj, src: int = 0):
     if not dist.is_initialized():
         return obj

@@ -1,11 +1,14 @@
 import copy
 import os
+import tempfile
 
 import pytest
 import torch
 
 # Built models are cached per test session, never in the user's cache.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Remote code (the original-format InternVL stand-in) is copied into HF's module cache: keep it out of ~/.cache.
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="hf_modules_"))
 torch.set_num_threads(2)
 
 

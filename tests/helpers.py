@@ -38,6 +38,7 @@ def collate(bb, rows, n_prompt=None, right_pad=True):
         pos[i, l:l + n] = torch.arange(n)
         lab = torch.tensor(r)
         lab[lab == bb.latent_id] = -100
+        lab[0] = -100  # nothing predicts a row's first token (the position before it is a pad)
         if n_prompt is not None:
             lab[: n_prompt[i]] = -100
         labels[i, l:l + n] = lab

@@ -1,0 +1,483 @@
+"""Checkpoints: written completely or not at all, resumed from the newest complete one.
+
+    path = save_checkpoint(run_dir, epoch + 1, model, optimizer, scheduler, global_step=step,
+                           best_metric=best, config_hash=config_hash(cfg.to_dict()), metrics=history,
+                           rank=rank, world_size=world_size)            # every rank calls it
+    latest = find_latest_checkpoint(run_dir)                            # None on a fresh run
+    progress = load_checkpoint(latest, model, optimizer, scheduler, rank=rank)
+
+`save_dir/checkpoint_{epoch}` (epoch = epochs completed, as in the original Coconut) holds
+
+    model.safetensors   full weights (gathered under FSDP2); shared tensors stored once, see save_safetensors
+    optimizer.pt        full optimizer state (torch.save, loaded with weights_only=True)
+    scheduler.pt        LR scheduler state
+    rng_rank{r}.pt      per rank: python, numpy, torch CPU and current CUDA device RNG states
+    progress.json       epoch, global_step, best_metric, config_hash, metrics so far, world_size, extra
+    COMPLETE            written last: the file names and sizes of the checkpoint
+
+All of it is written into `checkpoint_{epoch}.tmp-step{global_step}`, fsynced, then renamed (atomic on POSIX).
+Rank 0 writes the shared files, every rank its own rng file, with barriers between the phases. A directory
+without COMPLETE, or still named `*.tmp-*`, is an interrupted write: `find_latest_checkpoint` ignores it and
+names it, and nothing here deletes it, except a leftover tmp dir of the very checkpoint being written again.
+A finished checkpoint is never deleted by saving: one whose name is taken again is moved aside to
+`checkpoint_{epoch}.replaced-{time}`; `prune_checkpoints` deletes only when called.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+_CKPT = re.compile(r"checkpoint_(\d+)")
+_TMP = re.compile(r"checkpoint_(\d+)\.tmp-.*")
+COMPLETE = "COMPLETE"
+MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, PROGRESS_FILE = "model.safetensors", "optimizer.pt", "scheduler.pt", \
+    "progress.json"
+
+
+# --- state dicts: plain, DDP and FSDP2 models ------------------------------------------------------------------
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module under DDP (`.module`); the model itself otherwise (FSDP2 shards in place, no wrapper)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def is_fsdp2(model: nn.Module) -> bool:
+    """Whether the model's parameters are DTensors (sharded with `torch.distributed.fsdp.fully_shard`)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _dcp_options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(**kwargs)
+
+
+def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict with the plain module's key names.
+
+    Under FSDP2 this is a collective (every rank must call it) and only rank 0 gets the tensors, on CPU; the other
+    ranks get {}. Plain and DDP models give their own tensors (no copy; shared tensors stay shared).
+    """
+    if is_fsdp2(model):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(model, options=_dcp_options(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach() for k, v in _unwrap(model).state_dict().items()}
+
+
+def full_optimizer_state_dict(model: nn.Module | None, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The full optimizer state, tagged with its format so `load_optimizer_state_dict` reads it back.
+
+    Plain and DDP (`model` may be None): `optimizer.state_dict()` ("torch" format: parameters by index). FSDP2: a
+    collective giving the full state keyed by parameter name on rank 0 ("fqn" format), {} elsewhere. An optimizer
+    that has not stepped yet is saved as its hyperparameters only ("empty"), because torch's FSDP state-dict API
+    would first initialise it with a zero step, which changes later Adam updates.
+    """
+    if not optimizer.state:
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        return {"format": "empty", "param_groups": groups}
+    if model is not None and is_fsdp2(model):
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        state = get_optimizer_state_dict(model, optimizer, options=_dcp_options(full_state_dict=True, cpu_offload=True))
+        return {"format": "fqn", "state_dict": state}
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"]):
+        raise ValueError("the optimizer holds FSDP2 (DTensor) parameters: pass the FSDP2 model to gather its state")
+    return {"format": "torch", "state_dict": optimizer.state_dict()}
+
+
+def load_model_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
+    """Load full weights into a plain, DDP or FSDP2 model (under FSDP2 every rank passes the full state dict and
+    keeps its shard). Returns the missing/unexpected keys of a non-strict load."""
+    if is_fsdp2(model):
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        return set_model_state_dict(model, dict(state_dict), options=_dcp_options(full_state_dict=True, strict=strict))
+    return _unwrap(model).load_state_dict(state_dict, strict=strict)
+
+
+def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
+    """Restore what `full_optimizer_state_dict` returned (every rank passes the full state)."""
+    fmt = state.get("format")
+    if fmt == "empty":
+        if len(state["param_groups"]) != len(optimizer.param_groups):
+            raise ValueError(f"saved optimizer has {len(state['param_groups'])} parameter groups, this one "
+                             f"{len(optimizer.param_groups)}")
+        for group, saved in zip(optimizer.param_groups, state["param_groups"]):
+            group.update(saved)
+        return
+    if fmt not in ("torch", "fqn"):
+        raise ValueError(f"unknown optimizer state format {fmt!r}")
+    if (fmt == "fqn") != is_fsdp2(model):
+        saved, now = ("FSDP2", "a plain/DDP") if fmt == "fqn" else ("a plain/DDP model", "an FSDP2")
+        raise ValueError(f"the optimizer state was saved under {saved} but is loaded into {now} model; resume with "
+                         "the same `distributed` setting (or set reset_optimizer)")
+    if fmt == "torch":
+        optimizer.load_state_dict(state["state_dict"])
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state["state_dict"], options=_dcp_options(full_state_dict=True))
+
+
+# --- safetensors with shared tensors ---------------------------------------------------------------------------
+
+
+def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Save a state dict as safetensors, on CPU, fsynced.
+
+    safetensors refuses tensors that share memory, which every tied model (embeddings = LM head) and every wrapper
+    that registers a submodule twice (MultimodalCoconut's `embedding`, `decoder`, `lm_head`) has. Identical views
+    are stored once and the other names recorded in the metadata (`aliases`), so loading restores every key;
+    partial overlaps (different views of one storage) are stored as copies.
+    """
+    from torch.distributed.tensor import DTensor
+
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in state_dict.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state dict entry {name!r} is a {type(t).__name__}, not a tensor")
+        if isinstance(t, DTensor):
+            raise TypeError(f"state dict entry {name!r} is a sharded DTensor: gather it with full_model_state_dict")
+        t = t.detach()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else 0
+        key = (t.device, ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if ptr and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t
+    storages: dict[tuple, list[str]] = {}
+    for name, t in tensors.items():
+        if t.numel():
+            storages.setdefault((t.device, t.untyped_storage().data_ptr()), []).append(name)
+    for names in storages.values():
+        if len(names) > 1:
+            for name in names:
+                tensors[name] = tensors[name].clone()
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    save_file(tensors, os.fspath(path), metadata={"format": "pt", "aliases": json.dumps(aliases)})
+    _fsync_file(path)
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load what `save_safetensors` wrote, aliases restored as the same tensor (on CPU)."""
+    tensors = load_file(os.fspath(path))
+    with safe_open(os.fspath(path), framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    for name, target in aliases.items():
+        tensors[name] = tensors[target]
+    return tensors
+
+
+def read_model_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Weights from a checkpoint directory, a `.safetensors` file, or a torch-saved state dict (the original
+    Coconut's checkpoint files); for `load_model_path`."""
+    path = Path(path)
+    if path.is_dir():
+        _check_complete(path)
+        path = path / MODEL_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no model weights at {path}")
+    if path.suffix == ".safetensors":
+        return load_safetensors(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --- RNG -------------------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch CPU and (when CUDA is in use) current-device CUDA RNG states, in weights_only-loadable
+    types."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # only the current device: all devices would create contexts
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore `rng_state()` output: the random streams continue exactly where they were saved."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# --- saving ----------------------------------------------------------------------------------------------------
+
+
+def config_hash(config: Mapping[str, Any], ignore: Iterable[str] = (
+        "resume", "load_model_path", "num_epochs", "only_eval", "num_workers", "log_every", "tensorboard", "wandb",
+        "num_examples_to_print", "eval_batch_size", "export_hf", "project")) -> str:
+    """Short hash of the settings a resumed run must share with the run that wrote the checkpoint (keys that may
+    change between the two, like num_epochs or logging, are left out)."""
+    kept = {k: v for k, v in sorted(config.items()) if k not in set(ignore)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _fsync_file(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str | os.PathLike) -> None:
+    try:
+        _fsync_file(path)
+    except OSError:  # some filesystems cannot fsync a directory; the rename is still atomic
+        pass
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _default_barrier(world_size: int) -> Callable[[], None]:
+    if world_size == 1:
+        return lambda: None
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"world_size={world_size} needs a barrier callable or an initialised process group")
+    return dist.barrier
+
+
+def _move_aside(path: Path, reason: str, log: Callable[[str], None] | None) -> Path:
+    target = path.with_name(f"{path.name}.{reason}-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.{reason}-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        n += 1
+    os.rename(path, target)
+    if log:
+        log(f"checkpoint: moved existing {path} aside to {target.name}")
+    return target
+
+
+def save_checkpoint(save_dir: str | os.PathLike, epoch: int, model: nn.Module | Mapping[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer | Mapping[str, Any] | None = None, scheduler: Any = None, *,
+                    global_step: int = 0, best_metric: float | None = None, config_hash: str | None = None,
+                    metrics: list | None = None, extra: Mapping[str, Any] | None = None, rank: int = 0,
+                    world_size: int = 1, barrier: Callable[[], None] | None = None,
+                    log: Callable[[str], None] | None = print) -> Path:
+    """Write `save_dir/checkpoint_{epoch}` atomically; every rank calls it, all return its path.
+
+    `model`: the model (plain, DDP or FSDP2; gathered here, a collective under FSDP2) or a full state dict already
+    gathered (only rank 0's is used). `optimizer`: the optimizer (needs `model` to be the module under FSDP2) or
+    what `full_optimizer_state_dict` returned. `scheduler`: anything with `state_dict()`. `barrier` defaults to
+    `torch.distributed.barrier` when world_size > 1. Returns the final path.
+    """
+    save_dir = Path(save_dir)
+    barrier = barrier or _default_barrier(world_size)
+    module = model if isinstance(model, nn.Module) else None
+    optim_state = full_optimizer_state_dict(module, optimizer) if isinstance(optimizer, torch.optim.Optimizer) \
+        else optimizer
+    model_state = full_model_state_dict(module) if module is not None else model
+    final = save_dir / f"checkpoint_{epoch}"
+    tmp = save_dir / f"checkpoint_{epoch}.tmp-step{global_step}"
+
+    if rank == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # an interrupted write of this same checkpoint: start it again
+            if log:
+                log(f"checkpoint: removing {tmp}, left by an interrupted write of this checkpoint")
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    barrier()
+
+    # Every rank: its RNG state. Rank 0: everything shared.
+    _torch_save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    if rank == 0:
+        save_safetensors(model_state, tmp / MODEL_FILE)
+        if optim_state is not None:
+            _torch_save(optim_state, tmp / OPTIMIZER_FILE)
+        if scheduler is not None:
+            _torch_save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+        progress = {"epoch": epoch, "global_step": global_step, "best_metric": best_metric,
+                    "config_hash": config_hash, "metrics": list(metrics or []), "world_size": world_size,
+                    "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"), **dict(extra or {})}
+        _write_json(progress, tmp / PROGRESS_FILE)
+    barrier()
+
+    if rank == 0:
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        missing = [f"rng_rank{r}.pt" for r in range(world_size) if f"rng_rank{r}.pt" not in files]
+        if missing:
+            raise RuntimeError(f"checkpoint {tmp}: missing {missing} after the barrier")
+        _write_json({"epoch": epoch, "files": files}, tmp / COMPLETE)
+        _fsync_dir(tmp)
+        if final.exists():  # a checkpoint of this epoch from an earlier attempt: keep it, under another name
+            _move_aside(final, "replaced" if (final / COMPLETE).exists() else "incomplete", log)
+        os.rename(tmp, final)
+        _fsync_dir(save_dir)
+    barrier()
+    return final
+
+
+# --- finding and loading ---------------------------------------------------------------------------------------
+
+
+def list_checkpoints(save_dir: str | os.PathLike, log: Callable[[str], None] | None = print) -> list[tuple[int, Path]]:
+    """Complete checkpoints as (epoch, path), oldest first. Interrupted writes (`checkpoint_N.tmp-*` directories,
+    or `checkpoint_N` without COMPLETE) are skipped with a message naming them, and left where they are."""
+    save_dir = Path(save_dir)
+    if not save_dir.is_dir():
+        return []
+    found = []
+    for path in sorted(save_dir.iterdir()):
+        if _TMP.fullmatch(path.name):
+            if log:
+                log(f"checkpoint: ignoring {path}: an interrupted checkpoint write (left in place)")
+            continue
+        m = _CKPT.fullmatch(path.name)
+        if not m:
+            continue
+        if not path.is_dir() or not (path / COMPLETE).is_file():
+            if log:
+                log(f"checkpoint: ignoring {path}: not a complete checkpoint directory (no {COMPLETE}; left in place)")
+            continue
+        found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def find_latest_checkpoint(save_dir: str | os.PathLike, log: Callable[[str], None] | None = print) -> Path | None:
+    """The complete checkpoint with the largest epoch in `save_dir`, or None (see `list_checkpoints`)."""
+    found = list_checkpoints(save_dir, log)
+    return found[-1][1] if found else None
+
+
+def _check_complete(path: Path) -> dict:
+    marker = path / COMPLETE
+    if not marker.is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
+    info = json.loads(marker.read_text())
+    for name, size in info["files"].items():
+        actual = (path / name).stat().st_size if (path / name).exists() else None
+        if actual != size:
+            raise ValueError(f"checkpoint {path}: {name} is {actual} bytes, COMPLETE recorded {size}")
+    return info
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    scheduler: Any = None, rank: int = 0, *, restore_rng: bool = True,
+                    log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and this rank's RNG streams from a checkpoint; return progress.json.
+
+    Every rank calls it (under FSDP2 each rank reads the full weights and keeps its shard). A rank with no rng file
+    of its own (resuming on more processes than saved) keeps its current RNG state, with a message.
+    """
+    path = Path(path)
+    _check_complete(path)
+    load_model_state_dict(model, load_safetensors(path / MODEL_FILE))
+    if optimizer is not None:
+        if not (path / OPTIMIZER_FILE).exists():
+            raise FileNotFoundError(f"{path} holds no {OPTIMIZER_FILE} to restore the optimizer from")
+        load_optimizer_state_dict(model, optimizer, torch.load(path / OPTIMIZER_FILE, weights_only=True))
+    if scheduler is not None:
+        if not (path / SCHEDULER_FILE).exists():
+            raise FileNotFoundError(f"{path} holds no {SCHEDULER_FILE} to restore the scheduler from")
+        scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, weights_only=True))
+    if restore_rng:
+        rng_file = path / f"rng_rank{rank}.pt"
+        if rng_file.exists():
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        elif log:
+            log(f"checkpoint: {path} has no {rng_file.name} (saved with fewer processes); rank {rank} keeps its RNG")
+    return json.loads((path / PROGRESS_FILE).read_text())
+
+
+def prune_checkpoints(save_dir: str | os.PathLike, keep: Iterable[str | os.PathLike],
+                      log: Callable[[str], None] | None = print) -> list[Path]:
+    """Delete complete checkpoints not in `keep`, never the newest complete one; return what was deleted.
+
+    Not used by `save_only_improve`, which (as in the original Coconut) writes only improving checkpoints and
+    deletes nothing. Interrupted writes are left alone.
+    """
+    found = list_checkpoints(save_dir, log=None)
+    keep = {Path(p).resolve() for p in keep}
+    removed = []
+    for _, path in found[:-1]:
+        if path.resolve() not in keep:
+            shutil.rmtree(path)
+            removed.append(path)
+            if log:
+                log(f"checkpoint: deleted {path}")
+    return removed
+
+
+# --- Hugging Face export ---------------------------------------------------------------------------------------
+
+
+def export_hf(model_base: nn.Module, tokenizer: Any, image_processor: Any, out_dir: str | os.PathLike, *,
+              state_dict: Mapping[str, torch.Tensor] | None = None, overwrite: bool = False) -> Path:
+    """Write an ordinary HF checkpoint directory (`save_pretrained` of model, tokenizer, image processor) atomically.
+
+    `model_base` is the backbone (MultimodalCoconut.base_model, with the latent tokens added); call on rank 0 only.
+    Under FSDP2 pass `state_dict`, the gathered full weights keyed as `model_base.state_dict()`. An existing
+    `out_dir` is an error unless `overwrite`, in which case it is replaced only once the new export is complete.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model_base.save_pretrained(tmp, state_dict=dict(state_dict) if state_dict is not None else None)
+    for part in (tokenizer, image_processor):
+        if part is not None:
+            part.save_pretrained(tmp)
+    for file in tmp.rglob("*"):
+        if file.is_file():
+            _fsync_file(file)
+    _fsync_dir(tmp)
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
+        os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    _fsync_dir(out_dir.parent)
+    if old is not None:
+        shutil.rmtree(old)
+    return out_dir
