@@ -6,7 +6,7 @@
 
 import sys
 
-from multimodal_coconut.train import main
+from multimodal_coconut.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

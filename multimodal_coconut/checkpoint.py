@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import random
 import re
 import shutil
@@ -295,6 +296,13 @@ def _move_aside(path: Path, reason: str, log: Callable[[str], None] | None) -> P
     return target
 
 
+def fault_point(name: str) -> None:
+    """Kill this process at a named point when MMC_FAULT=name: how the tests crash a run deterministically
+    (mid-epoch, mid-checkpoint) to prove that re-running resumes to the same result. A no-op otherwise."""
+    if os.environ.get("MMC_FAULT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def save_checkpoint(save_dir: str | os.PathLike, epoch: int, model: nn.Module | Mapping[str, torch.Tensor],
                     optimizer: torch.optim.Optimizer | Mapping[str, Any] | None = None, scheduler: Any = None, *,
                     global_step: int = 0, best_metric: float | None = None, config_hash: str | None = None,
@@ -330,6 +338,7 @@ def save_checkpoint(save_dir: str | os.PathLike, epoch: int, model: nn.Module | 
     _torch_save(rng_state(), tmp / f"rng_rank{rank}.pt")
     if rank == 0:
         save_safetensors(model_state, tmp / MODEL_FILE)
+        fault_point(f"checkpoint_write:{epoch}")
         if optim_state is not None:
             _torch_save(optim_state, tmp / OPTIMIZER_FILE)
         if scheduler is not None:

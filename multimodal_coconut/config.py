@@ -89,7 +89,7 @@ class Config:
     trust_remote_code: bool = False
     """Allow the model's own code from the hub (needed for the original-format OpenGVLab/InternVL3-* checkpoints)."""
     bf16: bool = False
-    """Run the model in bfloat16."""
+    """bfloat16 on GPU: autocast (DDP) or bf16 parameters with fp32 gradient reduction (FSDP); ignored on CPU."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to from_pretrained ('sdpa', 'eager', 'flash_attention_2')."""
     freeze_vision: bool = False
@@ -153,7 +153,7 @@ class Config:
     weight_decay: float = 0.01
     """AdamW weight decay."""
     reset_optimizer: bool = False
-    """Make a fresh optimizer at the start of every epoch, dropping AdamW state between stages (original behaviour)."""
+    """Make a fresh optimizer at the start of every curriculum stage (the original did it every epoch)."""
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     """Learning-rate schedule after warmup; the original used a constant rate."""
     warmup_steps: int = 0
@@ -171,7 +171,7 @@ class Config:
     max_new_tokens: int = 64
     """Most tokens generated per answer."""
     eval_every_epoch: bool = True
-    """Run generation accuracy after every epoch (else only after the last one)."""
+    """Evaluate (validation loss, generation accuracy) after every epoch, else only after the last one."""
     num_examples_to_print: int = 3
     """Validation predictions printed per evaluation."""
 

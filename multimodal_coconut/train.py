@@ -14,7 +14,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,25 +24,19 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed
-from .config import Config, load_config, save_config
+from .config import Config, save_config
 from .curriculum import CoconutDataset, Collator, LengthGroupedBatchSampler, Mode, stage_for_epoch
 from .data import SkipReport, load_samples
 from .evaluate import extract_answer, gather_generations, make_predictions, score, write_predictions
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python run.py CONFIG.yaml [key=value ...]\n"
-              "       torchrun --nproc_per_node N run.py CONFIG.yaml [key=value ...]")
-        return 0 if argv else 2
-    cfg = load_config(argv[0], argv[1:])
+def run(cfg: Config) -> list[dict]:
+    """Join the process group torchrun set up (if any), train and evaluate, leave the group."""
     env = distributed.setup()
     try:
-        fit(cfg, env)
+        return fit(cfg, env)
     finally:
         distributed.teardown()
-    return 0
 
 
 def log(env, *args):
@@ -115,7 +108,7 @@ def enable_gradient_checkpointing(model) -> None:
     HF drops the cache under checkpointing because its recompute would append to the cache twice; our per-pass
     cache layers are idempotent (`model._PrefixLayer`), so the layers may keep it.
     """
-    model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     for layer in model.decoder.layers:
         layer._can_checkpoint_with_cache = True
 
@@ -216,7 +209,8 @@ def fit(cfg: Config, env) -> list[dict]:
                 cfg, env, epoch, stage, state, total_steps)
         metrics = {"epoch": epoch + 1, "stage": stage, "global_step": state["global_step"],
                    "train_loss": train_loss, "tokens_per_s": tokens_per_s}
-        if val_gen_set is not None:
+        last = epoch == cfg.num_epochs - 1 or cfg.only_eval
+        if val_gen_set is not None and (cfg.eval_every_epoch or last):
             metrics.update(evaluate(wrapped, model, backbone, cfg, env, epoch, stage, val_samples,
                                     val_gen_set.with_stage(stage, seed=cfg.seed, epoch=epoch),
                                     val_loss_set.with_stage(stage, seed=cfg.seed, epoch=epoch)
@@ -331,6 +325,7 @@ def train_epoch(wrapped, model, optimizer, dataset, collator, cfg: Config, env, 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state["global_step"] += 1
+        ckpt.fault_point(f"train_step:{state['global_step']}")
         loss_sum += window_loss
         token_count += global_labels.cpu()
         step_loss = (window_loss / global_labels.cpu()).item()
@@ -417,6 +412,8 @@ def evaluate(wrapped, model, backbone, cfg: Config, env, epoch: int, stage: int,
         for idx, row in zip(batch["idx"].tolist(), new):
             text = backbone.tokenizer.decode(row.tolist(), skip_special_tokens=True)
             generated[samples[idx].question_id] = text
+    if fsdp:  # FSDP2 keeps the root unsharded after a no-grad forward; the optimizer and checkpoints need shards
+        wrapped.reshard()
     generated = gather_generations(generated)
     if not env.master:
         return results
