@@ -179,8 +179,10 @@ class MultimodalCoconut(nn.Module):
     def _run(self, embeds, attention_mask, position_ids, bounds, n_latents, cache=None):
         """Run the passes; returns (hidden (B, T, C), fed embeddings (B, T, C), cache)."""
         hidden, fed = [], []
+        # One split rather than a slice per pass: the backward of each slice would build a zero (B, T, C) gradient.
+        chunks = embeds.split([e - s for s, e in zip(bounds[:-1], bounds[1:])], dim=1)
         for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
-            x = embeds[:, s:e]  # (B, e-s, C)
+            x = chunks[i]  # (B, e-s, C)
             if i > 0:  # column s is the i-th latent of rows that have at least i latents
                 fill = (n_latents >= i)[:, None]  # (B, 1)
                 x = torch.cat([torch.where(fill, hidden[-1][:, -1], x[:, 0]).unsqueeze(1), x[:, 1:]], dim=1)
@@ -229,7 +231,9 @@ class MultimodalCoconut(nn.Module):
             loss = F.cross_entropy(logits.float(), targets[keep])
         else:
             logits = self.lm_head(hidden)  # (B, T, V)
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            # Shift the labels, not the logits: slicing (B, T, V) makes a full copy, and its backward a full zero tensor.
+            targets = F.pad(targets, (0, 1), value=-100)  # (B, T)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return CoconutOutput(loss=loss, logits=logits, inputs_embeds=fed)
 
     # -- generation -------------------------------------------------------------------------------------------

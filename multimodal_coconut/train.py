@@ -183,8 +183,13 @@ def fit(cfg: Config, env) -> list[dict]:
         state.update(epoch=progress["epoch"], global_step=progress["global_step"],
                      best_metric=progress.get("best_metric"), metrics=progress.get("metrics", []))
         log(env, f"resuming from {latest} (epoch {state['epoch']} done, step {state['global_step']})")
-    if env.master:  # metrics.jsonl always matches the checkpoint we continue from
+    metrics_file = run_dir / "metrics.jsonl"
+    if env.master and latest is not None:  # metrics.jsonl matches the checkpoint we continue from
         _write_metrics(run_dir, state["metrics"])
+    elif env.master and metrics_file.exists() and not cfg.only_eval:  # a fresh start keeps the old file aside
+        aside = metrics_file.with_name(f"metrics.jsonl.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(metrics_file, aside)
+        log(env, f"{metrics_file} had no checkpoint to continue from: moved it to {aside.name}")
 
     collator = Collator(backbone)
     build = dict(backbone=backbone, mode=mode, max_length=cfg.max_length, seed=cfg.seed,
@@ -197,7 +202,7 @@ def fit(cfg: Config, env) -> list[dict]:
         // cfg.gradient_accumulation_steps if train_set else 0
     total_steps = steps_per_epoch * cfg.num_epochs
 
-    for epoch in range(state["epoch"], cfg.num_epochs):
+    for epoch in [cfg.resume] if cfg.only_eval else range(state["epoch"], cfg.num_epochs):
         stage = stage_for_epoch(epoch, mode, cfg.epochs_per_stage)
         t0 = time.time()
         train_loss, tokens_per_s = None, None
@@ -242,25 +247,18 @@ def fit(cfg: Config, env) -> list[dict]:
         evaluate(wrapped, model, backbone, cfg, env, state["epoch"] - 1, stage, test_samples, test_set, None,
                  collator, run_dir, split="test")
     if cfg.export_hf and not cfg.only_eval:
-        best = _best_checkpoint(run_dir, state) if cfg.save_only_improve else None
-        if best is not None:
-            load_weights(model, str(best), env)
-        if env.distributed and cfg.distributed == "fsdp":
-            full = ckpt.full_model_state_dict(wrapped)  # a collective: every rank takes part
-            if env.master:
-                model.load_state_dict(full)
+        # save_only_improve writes only improving checkpoints, so the newest one is the best.
+        best = ckpt.list_checkpoints(run_dir, log=None)[-1][1] if cfg.save_only_improve else None
+        state = ckpt.read_model_state_dict(best) if best else ckpt.full_model_state_dict(wrapped)  # FSDP: collective
         if env.master:
-            out = ckpt.export_hf(model.base_model, backbone.tokenizer, backbone.image_processor, run_dir / "hf_model")
-            log(env, f"exported an HF checkpoint to {out}")
+            base_state = {k.removeprefix("base_model."): v for k, v in state.items()}
+            out = ckpt.export_hf(model.base_model, backbone.tokenizer, backbone.image_processor, run_dir / "hf_model",
+                                 state_dict=base_state, overwrite=True)
+            log(env, f"exported {'the best' if best else 'the final'} model as an HF checkpoint to {out}")
     if report.total:
         log(env, report.summary())
     log(env, stage_table(state["metrics"], mode))
     return state["metrics"]
-
-
-def _best_checkpoint(run_dir: Path, state: dict) -> Path | None:
-    checkpoints = ckpt.list_checkpoints(run_dir, log=None)
-    return checkpoints[-1][1] if checkpoints else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
