@@ -248,10 +248,11 @@ def fit(cfg: Config, env) -> list[dict]:
                  collator, run_dir, split="test")
     if cfg.export_hf and not cfg.only_eval:
         # save_only_improve writes only improving checkpoints, so the newest one is the best.
-        best = ckpt.list_checkpoints(run_dir, log=None)[-1][1] if cfg.save_only_improve else None
-        state = ckpt.read_model_state_dict(best) if best else ckpt.full_model_state_dict(wrapped)  # FSDP: collective
+        saved = ckpt.list_checkpoints(run_dir, log=None) if cfg.save_only_improve else []
+        best = saved[-1][1] if saved else None
+        weights = ckpt.read_model_state_dict(best) if best else ckpt.full_model_state_dict(wrapped)  # FSDP: collective
         if env.master:
-            base_state = {k.removeprefix("base_model."): v for k, v in state.items()}
+            base_state = {k.removeprefix("base_model."): v for k, v in weights.items()}
             out = ckpt.export_hf(model.base_model, backbone.tokenizer, backbone.image_processor, run_dir / "hf_model",
                                  state_dict=base_state, overwrite=True)
             log(env, f"exported {'the best' if best else 'the final'} model as an HF checkpoint to {out}")
