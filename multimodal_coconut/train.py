@@ -468,7 +468,7 @@ def stage_table(metrics: list[dict], mode: Mode) -> str:
         last[m["stage"]] = m
     if not last:
         return ""
-    rows = ["| stage | what the model writes | epochs | val loss | MC acc. | DA acc. |", "|---|---|---|---|---|---|"]
+    rows = ["| stage | what the model writes | after epoch | val loss | MC acc. | DA acc. |", "|---|---|---|---|---|---|"]
     for stage, m in sorted(last.items()):
         if mode.cot or stage == 0:
             what = "CoT (all steps)"
