@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install the project. Without a CUDA GPU, the CPU build of torch is installed first, so pip
-# does not pull the several-GB CUDA build. Usage: bash scripts/setup.sh [extras, e.g. dev]
+# Create .venv and install the project. torch is installed first (without a GPU: the pinned, CPU-tested release), so
+# the project's own torch requirement installs nothing more. Usage: bash scripts/setup.sh [extras, e.g. dev]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
