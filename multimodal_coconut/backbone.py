@@ -32,7 +32,6 @@ START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|late
 # InternVL's image markers: `<img>` + tiles x tokens_per_tile x `<IMG_CONTEXT>` + `</img>`.
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-PRESETS = ("tiny", "internvl3-1b-shape")
 TINY_VERSION = 2  # bump when the tiny architecture changes, so cached copies are rebuilt
 
 

@@ -75,14 +75,6 @@ def all_reduce_max(value: int | float) -> int | float:
     return type(value)(t.item())
 
 
-def broadcast_object(obj, src: int = 0):
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def layer_classes(base_model: nn.Module) -> set[type]:
     """The repeated blocks of both towers, from HF's `_no_split_modules` (e.g. InternVLVisionLayer, Qwen2DecoderLayer)."""
     names = set()
@@ -97,7 +89,7 @@ def wrap_model(model: nn.Module, env: DistEnv, strategy: str, bf16: bool) -> nn.
         return model
     if strategy == "ddp":
         device_ids = [env.device.index] if env.device.type == "cuda" else None
-        # Frozen towers leave parameters without gradients; DDP must not wait for them.
+        # Frozen parameters (requires_grad=False) are not tracked by DDP: no unused-parameter search is needed.
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
@@ -111,7 +103,3 @@ def wrap_model(model: nn.Module, env: DistEnv, strategy: str, bf16: bool) -> nn.
     fully_shard(model, mp_policy=mp)
     register_fsdp_forward_method(model, "generate")  # generate runs outside forward: unshard the root for it too
     return model
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
