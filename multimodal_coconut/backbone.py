@@ -216,7 +216,7 @@ def internvl3_1b_shape(dtype: torch.dtype = torch.float32, device: str | torch.d
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _is_original_internvl(config) -> bool:
+def is_original_internvl(config) -> bool:
     """True for an original-format InternVL config (InternVLChatModel): a config object or a config.json dict."""
     get = config.get if isinstance(config, dict) else functools.partial(getattr, config)
     return "InternVLChatModel" in (get("architectures", None) or []) or get("model_type", "") == "internvl_chat"
@@ -246,7 +246,7 @@ def _square(size, what: str) -> int:
 def _tile_size(config: dict) -> int:
     """The vision encoder's tile size in pixels, from a native or original-format InternVL config.json."""
     vision = config.get("vision_config") or {}
-    if _is_original_internvl(config):
+    if is_original_internvl(config):
         return _square(config.get("force_image_size") or vision["image_size"], "the checkpoint's tile size")
     return _square(vision.get("image_size", 448), "the checkpoint's tile size")  # 448: InternVLVisionConfig default
 
@@ -321,7 +321,7 @@ def load_backbone(
     kwargs = dict(dtype=dtype)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    if _is_original_internvl(config):
+    if is_original_internvl(config):
         if not trust_remote_code:
             raise ValueError(
                 f"{model_id} is an original-format InternVL checkpoint (InternVLChatModel), which runs the "
@@ -399,7 +399,7 @@ def _finish(model, tokenizer, image_processor, kind, min_num_patches, max_num_pa
 
 def _language_model(model: nn.Module) -> nn.Module:
     """The causal LM that owns the input embeddings and LM head (the model itself for text-only LMs)."""
-    if _is_original_internvl(model.config):
+    if is_original_internvl(model.config):
         return model.language_model
     return model
 

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .backbone import is_original_internvl
+
 
 @dataclass
 class CoconutOutput:
@@ -75,7 +77,7 @@ class MultimodalCoconut(nn.Module):
         self.end_latent_id = end_latent_id
         self.eos_token_id = eos_token_id
         config = base_model.config
-        if "InternVLChatModel" in (getattr(config, "architectures", None) or []):  # original format, remote code
+        if is_original_internvl(config):  # original format (InternVLChatModel), remote code
             self.kind = "original_internvl"
             self.image_token_id = base_model.img_context_token_id
             if self.image_token_id is None:

@@ -45,3 +45,13 @@ def collate(bb, rows, n_prompt=None, right_pad=True):
     if not right_pad:
         assert all(l + len(r) == T for l, r in zip(left, rows))
     return input_ids, mask, labels, pos
+
+
+def loss_and_grads(model, fn, *args):
+    """Run `fn(*args)` (a forward returning .loss), backpropagate; (output, {name: gradient}) with clean grads."""
+    model.zero_grad()
+    out = fn(*args)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return out, grads

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import collate, row_tokens
+from helpers import collate, loss_and_grads, row_tokens
 from multimodal_coconut import MultimodalCoconut, load_backbone
 from multimodal_coconut.backbone import (
     END_LATENT, IMAGENET_MEAN, IMAGENET_STD, LATENT, START_LATENT, _tile_size, build_tiny, train_tiny_tokenizer,
@@ -98,10 +98,6 @@ def batch(bb, latents=(3, 1, 2), n_tiles=(2, 1, 0)):
     return input_ids, mask, labels, pos, pixel_values
 
 
-def grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def new_rows(bb):
     """(input embedding rows, LM-head rows) of the three Coconut tokens."""
     lm = bb.model.language_model if hasattr(bb.model, "img_context_token_id") else bb.model
@@ -135,9 +131,7 @@ def test_original_format_trains_with_its_vision_checkpointing(standin):
     results = []
     for training in (False, True):
         model.train(training)
-        model(*batch_).loss.backward()
-        results.append(grads(model))
-        model.zero_grad()
+        results.append(loss_and_grads(model, model, *batch_)[1])
     model.eval()
     assert results[0].keys() == results[1].keys()
     for name in results[0]:
@@ -160,14 +154,9 @@ def test_original_format_no_latents_equals_its_own_forward(standin):
 def test_original_format_latent_passes_equal_naive_recompute(standin):
     model = wrap(standin)
     input_ids, mask, labels, pos, pixel_values = batch(standin)
-    out = model(input_ids, mask, labels, pos, pixel_values)
-    out.loss.backward()
-    ours = grads(model)
-    model.zero_grad()
-    ref = naive_forward(model, input_ids, mask, labels, pos, pixel_values)
-    ref.loss.backward()
-    theirs = grads(model)
-    model.zero_grad()
+    args = (input_ids, mask, labels, pos, pixel_values)
+    out, ours = loss_and_grads(model, model, *args)
+    ref, theirs = loss_and_grads(model, lambda *a: naive_forward(model, *a), *args)
 
     assert torch.isfinite(out.loss) and out.loss.item() > 1.0
     torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)

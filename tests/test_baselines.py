@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from helpers import collate, row_tokens
+from helpers import collate, loss_and_grads, row_tokens
 from multimodal_coconut import MultimodalCoconut
 from multimodal_coconut.baselines import naive_forward, original_forward, original_generate
 
@@ -35,13 +35,6 @@ def batch(bb, latents=(3, 1, 2)):
     g = torch.Generator().manual_seed(0)
     pixel_values = torch.randn(sum(n_tiles), 3, 64, 64, generator=g) if sum(n_tiles) else None
     return input_ids, mask, labels, pos, pixel_values
-
-
-def loss_and_grads(model, fn, *args):
-    model.zero_grad()
-    out = fn(*args)
-    out.loss.backward()
-    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("backbone", ["tiny", "tiny_lm"])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import collate, row_tokens
+from helpers import collate, loss_and_grads, row_tokens
 from multimodal_coconut import MultimodalCoconut
 from multimodal_coconut.baselines import naive_forward
 
@@ -26,10 +26,6 @@ def multimodal_batch(bb, latents=(3, 1, 2), n_tiles=(2, 1, 0)):
     input_ids, mask, labels, pos = collate(bb, rows)
     pixel_values = tiles(sum(n_tiles), 0) if sum(n_tiles) else None
     return input_ids, mask, labels, pos, pixel_values
-
-
-def grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def assert_same_grads(a, b):
@@ -65,13 +61,9 @@ def test_latent_passes_equal_naive_recompute(backbone, request):
     input_ids, mask, labels, pos, pixel_values = multimodal_batch(bb, latents=(3, 1, 2), n_tiles=n_tiles)
     assert (input_ids == bb.latent_id).sum(1).tolist() == [3, 1, 2]
 
-    out = model(input_ids, mask, labels, pos, pixel_values)
-    out.loss.backward()
-    ours = grads(model)
-    model.zero_grad()
-    ref = naive_forward(model, input_ids, mask, labels, pos, pixel_values)
-    ref.loss.backward()
-    theirs = grads(model)
+    batch = (input_ids, mask, labels, pos, pixel_values)
+    out, ours = loss_and_grads(model, model, *batch)
+    ref, theirs = loss_and_grads(model, lambda *a: naive_forward(model, *a), *batch)
 
     assert torch.isfinite(out.loss) and out.loss.item() > 1.0
     torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
@@ -90,16 +82,12 @@ def test_latent_passes_equal_naive_recompute(backbone, request):
 def test_labelled_logits_only_gives_same_loss_and_grads(tiny):
     model = wrap(tiny)
     batch = multimodal_batch(tiny)
-    full = model(*batch)
-    full.loss.backward()
-    g_full = grads(model)
-    model.zero_grad()
-    part = model(*batch, labelled_logits_only=True)
-    part.loss.backward()
+    full, g_full = loss_and_grads(model, model, *batch)
+    part, g_part = loss_and_grads(model, lambda *a: model(*a, labelled_logits_only=True), *batch)
     labels = batch[2]
     assert part.logits.shape == ((labels[:, 1:] != -100).sum().item(), full.logits.shape[-1])
     torch.testing.assert_close(part.loss, full.loss, atol=1e-6, rtol=1e-6)
-    assert_same_grads(g_full, grads(model))
+    assert_same_grads(g_full, g_part)
 
 
 def test_extra_passes_change_nothing(tiny):

@@ -155,7 +155,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(data_dir, tm
 
 def test_gradient_checkpointing_keeps_the_latent_cache(tiny):
     """Activation checkpointing with the per-pass KV cache gives the same loss and gradients."""
-    from helpers import collate, row_tokens
+    from helpers import collate, loss_and_grads, row_tokens
     from multimodal_coconut import MultimodalCoconut
     from multimodal_coconut.train import enable_gradient_checkpointing
 
@@ -165,17 +165,11 @@ def test_gradient_checkpointing_keeps_the_latent_cache(tiny):
     batch = collate(tiny, rows)
     pixel_values = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
-    def loss_and_grads():
-        model.zero_grad()
-        loss = model(*batch, pixel_values).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    plain_loss, plain = loss_and_grads()
+    plain_out, plain = loss_and_grads(model, model, *batch, pixel_values)
     enable_gradient_checkpointing(model)
     assert model.decoder.layers[0].gradient_checkpointing
-    ckpt_loss, checkpointed = loss_and_grads()
-    torch.testing.assert_close(ckpt_loss, plain_loss, atol=1e-6, rtol=1e-6)
+    ckpt_out, checkpointed = loss_and_grads(model, model, *batch, pixel_values)
+    torch.testing.assert_close(ckpt_out.loss, plain_out.loss, atol=1e-6, rtol=1e-6)
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-5, rtol=1e-4, msg=name)
