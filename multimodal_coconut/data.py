@@ -125,36 +125,30 @@ class Sample:
         return f"{self.source} (row {self.row}, embedded image)"
 
 
-def open_image(sample: Sample) -> Image.Image:
-    """Decode the sample's image as RGB. A missing or unreadable image is a DataError naming file and question."""
+def _read_image(sample: Sample, read, failure: str):
+    """`read(PIL image)` on the sample's image; a missing or unreadable image is a DataError naming file and question."""
     if sample.image is None:
         raise DataError("the sample has no image", file=sample.source, question_id=sample.question_id,
                         field="image", reason="missing image")
     try:
         with Image.open(sample.image if isinstance(sample.image, str) else io.BytesIO(sample.image)) as img:
-            return img.convert("RGB")  # convert() loads the pixels, so decoding errors surface here
+            return read(img)
     except FileNotFoundError:
         raise DataError("image file not found", file=sample.image_name(), question_id=sample.question_id,
                         field="image", reason="missing image") from None
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot decode the image ({e})", file=sample.image_name(),
-                        question_id=sample.question_id, field="image", reason="unreadable image") from None
+        raise DataError(f"{failure} ({e})", file=sample.image_name(), question_id=sample.question_id,
+                        field="image", reason="unreadable image") from None
+
+
+def open_image(sample: Sample) -> Image.Image:
+    """Decode the sample's image as RGB (convert() loads the pixels, so decoding errors surface here)."""
+    return _read_image(sample, lambda img: img.convert("RGB"), "cannot decode the image")
 
 
 def image_size(sample: Sample) -> tuple[int, int]:
     """(width, height) from the image header alone (no decoding)."""
-    if sample.image is None:
-        raise DataError("the sample has no image", file=sample.source, question_id=sample.question_id,
-                        field="image", reason="missing image")
-    try:
-        with Image.open(sample.image if isinstance(sample.image, str) else io.BytesIO(sample.image)) as img:
-            return img.size
-    except FileNotFoundError:
-        raise DataError("image file not found", file=sample.image_name(), question_id=sample.question_id,
-                        field="image", reason="missing image") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"not a readable image ({e})", file=sample.image_name(), question_id=sample.question_id,
-                        field="image", reason="unreadable image") from None
+    return _read_image(sample, lambda img: img.size, "not a readable image")
 
 
 # ---------------------------------------------------------------------------------------------------------------
