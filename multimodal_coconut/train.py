@@ -24,10 +24,12 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed
+from .backbone import load_backbone
 from .config import Config, save_config
 from .curriculum import CoconutDataset, Collator, LengthGroupedBatchSampler, Mode, stage_for_epoch
 from .data import SkipReport, load_samples
 from .evaluate import extract_answer, gather_generations, make_predictions, score, write_predictions
+from .model import MultimodalCoconut
 
 
 def run(cfg: Config) -> list[dict]:
@@ -137,9 +139,6 @@ def make_optimizer(model, cfg: Config):
 
 def fit(cfg: Config, env) -> list[dict]:
     """Train (unless only_eval) and evaluate; returns the metrics of every evaluation."""
-    from .backbone import load_backbone
-    from .model import MultimodalCoconut
-
     run_dir = Path(cfg.save_path) / cfg.name
     if env.master:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -240,6 +239,8 @@ def fit(cfg: Config, env) -> list[dict]:
             log(env, f"saved {path}")
         _append_metrics(run_dir, metrics, env)
         log(env, _format_metrics(metrics))
+        if env.master:
+            _log_step(cfg, state["global_step"], {f"eval/{k}": v for k, v in metrics.items()})
 
     if test_samples:
         stage = stage_for_epoch(max(state["epoch"] - 1, 0), mode, cfg.epochs_per_stage)
