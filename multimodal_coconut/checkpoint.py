@@ -8,7 +8,12 @@
 
 `save_dir/checkpoint_{epoch}` (epoch = epochs completed, as in the original Coconut) holds
 
-    model.safetensors   full weights (gathered under FSDP2); shared tensors stored once, see save_safetensors
+    model.safetensors   full weights of the backbone (gathered under FSDP2), keyed as the backbone's own state dict
+                        (the Coconut wrapper's `base_model.` prefix removed); shared tensors stored once
+    config.json, tokenizer files, preprocessor_config.json, coconut.json (and, for remote-code backbones, their
+                        .py files): everything needed to use the model without the run, so a checkpoint directory
+                        is also an ordinary Hugging Face folder (`from_pretrained(checkpoint_dir)`) and
+                        `inference.load_trained` rebuilds exactly the trained model (see `save_model_files`)
     optimizer.pt        full optimizer state (torch.save, loaded with weights_only=True)
     scheduler.pt        LR scheduler state
     rng_rank{r}.pt      per rank: python, numpy, torch CPU and current CUDA device RNG states
@@ -48,6 +53,7 @@ _TMP = re.compile(r"checkpoint_(\d+)\.tmp-.*")
 COMPLETE = "COMPLETE"
 MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, PROGRESS_FILE = "model.safetensors", "optimizer.pt", "scheduler.pt", \
     "progress.json"
+INFO_FILE = "coconut.json"  # the training config and stage of a checkpoint or export (inference.load_trained)
 
 
 # --- state dicts: plain, DDP and FSDP2 models ------------------------------------------------------------------
@@ -107,9 +113,29 @@ def full_optimizer_state_dict(model: nn.Module | None, optimizer: torch.optim.Op
     return {"format": "torch", "state_dict": optimizer.state_dict()}
 
 
+WRAPPER_PREFIX = "base_model."  # MultimodalCoconut holds the backbone as `base_model`; it has no parameters of its own
+
+
+def backbone_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict of a MultimodalCoconut (`base_model.` keys) keyed as its backbone's; other dicts unchanged."""
+    if state_dict and all(k.startswith(WRAPPER_PREFIX) for k in state_dict):
+        return {k.removeprefix(WRAPPER_PREFIX): v for k, v in state_dict.items()}
+    return dict(state_dict)
+
+
+def _keys_for(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Backbone-keyed weights re-keyed for `model` when it is the Coconut wrapper (its keys start `base_model.`)."""
+    first = next(iter(_unwrap(model).state_dict()), "")
+    if first.startswith(WRAPPER_PREFIX) and not any(k.startswith(WRAPPER_PREFIX) for k in state_dict):
+        return {WRAPPER_PREFIX + k: v for k, v in state_dict.items()}
+    return dict(state_dict)
+
+
 def load_model_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
     """Load full weights into a plain, DDP or FSDP2 model (under FSDP2 every rank passes the full state dict and
-    keeps its shard). Returns the missing/unexpected keys of a non-strict load."""
+    keeps its shard); backbone-keyed weights load into the Coconut wrapper too. Returns the missing/unexpected keys
+    of a non-strict load."""
+    state_dict = _keys_for(model, state_dict)
     if is_fsdp2(model):
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
@@ -195,7 +221,7 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def read_model_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Weights from a checkpoint directory, a `.safetensors` file, or a torch-saved state dict (the original
-    Coconut's checkpoint files); for `load_model_path`."""
+    Coconut's checkpoint files); for `load_model_path`. Keys are as stored: the backbone's for our checkpoints."""
     path = Path(path)
     if path.is_dir():
         _check_complete(path)
@@ -308,20 +334,22 @@ def save_checkpoint(save_dir: str | os.PathLike, epoch: int, model: nn.Module | 
                     global_step: int = 0, best_metric: float | None = None, config_hash: str | None = None,
                     metrics: list | None = None, extra: Mapping[str, Any] | None = None, rank: int = 0,
                     world_size: int = 1, barrier: Callable[[], None] | None = None,
+                    model_files: Callable[[Path], None] | None = None,
                     log: Callable[[str], None] | None = print) -> Path:
     """Write `save_dir/checkpoint_{epoch}` atomically; every rank calls it, all return its path.
 
     `model`: the model (plain, DDP or FSDP2; gathered here, a collective under FSDP2) or a full state dict already
     gathered (only rank 0's is used). `optimizer`: the optimizer (needs `model` to be the module under FSDP2) or
     what `full_optimizer_state_dict` returned. `scheduler`: anything with `state_dict()`. `barrier` defaults to
-    `torch.distributed.barrier` when world_size > 1. Returns the final path.
+    `torch.distributed.barrier` when world_size > 1. `model_files(dir)` writes what makes the checkpoint usable on
+    its own (tokenizer, model config: `save_model_files`), on rank 0. Returns the final path.
     """
     save_dir = Path(save_dir)
     barrier = barrier or _default_barrier(world_size)
     module = model if isinstance(model, nn.Module) else None
     optim_state = full_optimizer_state_dict(module, optimizer) if isinstance(optimizer, torch.optim.Optimizer) \
         else optimizer
-    model_state = full_model_state_dict(module) if module is not None else model
+    model_state = backbone_keys(full_model_state_dict(module) if module is not None else model)
     final = save_dir / f"checkpoint_{epoch}"
     tmp = save_dir / f"checkpoint_{epoch}.tmp-step{global_step}"
 
@@ -339,6 +367,8 @@ def save_checkpoint(save_dir: str | os.PathLike, epoch: int, model: nn.Module | 
     if rank == 0:
         save_safetensors(model_state, tmp / MODEL_FILE)
         fault_point(f"checkpoint_write:{epoch}")
+        if model_files is not None:
+            model_files(tmp)
         if optim_state is not None:
             _torch_save(optim_state, tmp / OPTIMIZER_FILE)
         if scheduler is not None:
@@ -455,15 +485,37 @@ def prune_checkpoints(save_dir: str | os.PathLike, keep: Iterable[str | os.PathL
     return removed
 
 
-# --- Hugging Face export ---------------------------------------------------------------------------------------
+# --- Hugging Face files ----------------------------------------------------------------------------------------
+
+
+def save_model_files(out_dir: str | os.PathLike, model_base: nn.Module, tokenizer: Any, image_processor: Any,
+                     info: Mapping[str, Any]) -> None:
+    """Everything but the weights that using the model needs: the model config (and, for a remote-code backbone
+    such as the original-format InternVL, its .py files), the tokenizer with Coconut's tokens, the image processor,
+    and `info` (the run's config and the stage trained at) as coconut.json. Rank 0 only."""
+    from transformers.dynamic_module_utils import custom_object_save
+
+    out_dir = Path(out_dir)
+    if getattr(model_base, "is_remote_code", lambda: False)():
+        custom_object_save(model_base, out_dir, config=model_base.config)
+    model_base.config.architectures = [type(model_base).__name__]
+    model_base.config.save_pretrained(out_dir)
+    for part in (tokenizer, image_processor):
+        if part is not None:
+            part.save_pretrained(out_dir)
+    _write_json(dict(info), out_dir / INFO_FILE)
+
+
 
 
 def export_hf(model_base: nn.Module, tokenizer: Any, image_processor: Any, out_dir: str | os.PathLike, *,
-              state_dict: Mapping[str, torch.Tensor] | None = None, overwrite: bool = False) -> Path:
+              state_dict: Mapping[str, torch.Tensor] | None = None, overwrite: bool = False,
+              info: Mapping[str, Any] | None = None) -> Path:
     """Write an ordinary HF checkpoint directory (`save_pretrained` of model, tokenizer, image processor) atomically.
 
     `model_base` is the backbone (MultimodalCoconut.base_model, with the latent tokens added); call on rank 0 only.
-    Under FSDP2 pass `state_dict`, the gathered full weights keyed as `model_base.state_dict()`. An existing
+    Under FSDP2 pass `state_dict`, the gathered full weights keyed as `model_base.state_dict()`. `info` (the run's
+    config and stage) is written as coconut.json, which `inference.load_trained` reads. An existing
     `out_dir` is an error unless `overwrite`, in which case it is replaced only once the new export is complete.
     """
     out_dir = Path(out_dir)
@@ -477,6 +529,8 @@ def export_hf(model_base: nn.Module, tokenizer: Any, image_processor: Any, out_d
     for part in (tokenizer, image_processor):
         if part is not None:
             part.save_pretrained(tmp)
+    if info is not None:
+        _write_json(dict(info), tmp / INFO_FILE)
     for file in tmp.rglob("*"):
         if file.is_file():
             _fsync_file(file)

@@ -1,7 +1,7 @@
 """Process group setup and model wrapping (DDP or FSDP2); one process without torchrun works the same way.
 
     python run.py args/demo.yaml                                   # one process, no process group
-    torchrun --nnodes 1 --nproc_per_node N run.py args/X.yaml      # N processes: NCCL on GPU, Gloo on CPU
+    torchrun --nnodes 1 --nproc_per_node N run.py args/X.yaml      # N processes: NCCL (+ Gloo) on GPU, Gloo on CPU
     torchrun --nnodes M --node_rank R --rdzv_backend c10d --rdzv_endpoint HOST:PORT --nproc_per_node N run.py ...
 """
 
@@ -14,6 +14,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
+
+
+GPU_BACKEND = "cpu:gloo,cuda:nccl"
 
 
 @dataclass
@@ -41,7 +44,10 @@ def setup() -> DistEnv:
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device, timeout=timedelta(minutes=30))
+        # NCCL takes only CUDA tensors. Our own collectives put their tensors on `device` (they then go through NCCL);
+        # Gloo beside it serves CPU tensors all the same (object collectives, distributed checkpointing), so a CPU
+        # tensor in a collective is never a crash on GPUs.
+        dist.init_process_group(GPU_BACKEND, device_id=device, timeout=timedelta(minutes=30))
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo", timeout=timedelta(minutes=30))
@@ -66,13 +72,23 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_reduce_max(value: int | float) -> int | float:
-    """The largest `value` over ranks (the value itself without a process group)."""
+def all_reduce_max(value: int | float, device: torch.device) -> int | float:
+    """The largest `value` over ranks (the value itself without a process group); the collective runs on `device`."""
     if not dist.is_initialized():
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return type(value)(t.item())
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (a collective). For decisions that lead into other collectives (save or not,
+    stop or not): they must be taken identically everywhere, or the ranks that take the other branch hang."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def layer_classes(base_model: nn.Module) -> set[type]:
@@ -97,7 +113,10 @@ def wrap_model(model: nn.Module, env: DistEnv, strategy: str, bf16: bool) -> nn.
     classes = tuple(layer_classes(model))
     if not classes:
         raise ValueError("FSDP: found no decoder layer classes to shard (the model declares no _no_split_modules)")
-    for module in list(model.modules()):
+    # Bottom-up: `_no_split_modules` may name a module and also blocks inside it (the original-format InternVL names
+    # InternVisionModel and its encoder layers); children are sharded first, then the parent takes what is left.
+    # modules() lists every parent before its descendants, so its reverse lists every child before its parents.
+    for module in reversed(list(model.modules())):
         if isinstance(module, classes):
             fully_shard(module, mp_policy=mp)
     fully_shard(model, mp_policy=mp)

@@ -29,6 +29,7 @@ from .config import Config, save_config
 from .curriculum import CoconutDataset, Collator, LengthGroupedBatchSampler, Mode, stage_for_epoch
 from .data import SkipReport, load_samples
 from .evaluate import extract_answer, gather_generations, make_predictions, score, write_predictions
+from .inference import backbone_from, generate_texts, model_info, to_device
 from .model import MultimodalCoconut
 
 
@@ -69,11 +70,22 @@ def prepare_builtin(cfg: Config, env) -> None:
     distributed.barrier()
 
 
-def load_weights(model, path: str, env) -> None:
-    """Weights from `path`: one of our checkpoint folders, a .safetensors file, or a torch state dict (.pt/.bin).
+def model_source(cfg: Config, latest: Path | None) -> Path | None:
+    """The folder the backbone is loaded from when it is not `model_id`: the checkpoint being resumed, else a
+    `load_model_path` that is one of our checkpoints or exports. These carry their own tokenizer and config, which
+    must be used as they are (a tiny model's tokenizer, for one, is trained on its run's texts)."""
+    if latest is not None:
+        return latest
+    path = Path(cfg.load_model_path) if cfg.load_model_path else None
+    if path is not None and path.is_dir() and (path / ckpt.INFO_FILE).is_file():
+        return path
+    return None
 
-    Keys may be the Coconut wrapper's (`base_model.`...) or the bare backbone's (a stage-0 CoT model exported by
-    the original code), as the original run.py allows.
+
+def load_weights(model, path: str, env) -> None:
+    """Weights from `path` into a model built from `model_id`: a .safetensors file or a torch state dict (the
+    original Coconut's checkpoint files). Keys may be the Coconut wrapper's (`base_model.`...) or the bare
+    backbone's (a stage-0 CoT model exported by the original code), as the original run.py allows.
     """
     state = ckpt.read_model_state_dict(path)
     if not any(k.startswith("base_model.") for k in state):
@@ -156,18 +168,24 @@ def fit(cfg: Config, env) -> list[dict]:
     test_samples = load_samples(path=cfg.test_path, **read) if cfg.test_path else []
     log(env, f"data: {len(train_samples)} train, {len(val_samples)} val, {len(test_samples)} test samples")
 
-    texts = [t for s in train_samples + val_samples for t in (s.question, *s.choices, *s.steps, s.answer or "")]
-    backbone = load_backbone(
-        cfg.model_id, trust_remote_code=cfg.trust_remote_code, image_size=cfg.image_size,
-        min_num_patches=cfg.min_num_patches, max_num_patches=cfg.max_num_patches, use_thumbnail=cfg.use_thumbnail,
-        attn_implementation=cfg.attn_implementation, tiny_texts=texts, seed=cfg.seed,
-    )
+    latest = None if cfg.only_eval else ckpt.find_latest_checkpoint(run_dir, log=lambda m: log(env, m))
+    source = model_source(cfg, latest)
+    if source is not None:
+        backbone = backbone_from(source, cfg)
+    else:
+        texts = [t for s in train_samples + val_samples for t in (s.question, *s.choices, *s.steps, s.answer or "")]
+        backbone = load_backbone(
+            cfg.model_id, trust_remote_code=cfg.trust_remote_code, image_size=cfg.image_size,
+            min_num_patches=cfg.min_num_patches, max_num_patches=cfg.max_num_patches, use_thumbnail=cfg.use_thumbnail,
+            attn_implementation=cfg.attn_implementation, tiny_texts=texts, seed=cfg.seed,
+        )
     model = MultimodalCoconut(backbone.model, backbone.latent_id, backbone.start_latent_id,
                               backbone.end_latent_id, backbone.eos_token_id)
-    if cfg.load_model_path:
+    if cfg.load_model_path and source is None:
         load_weights(model, cfg.load_model_path, env)
+    if source is not None and latest is None:
+        log(env, f"loaded the model, its tokenizer and settings from {source}")
 
-    latest = None if cfg.only_eval else ckpt.find_latest_checkpoint(run_dir, log=lambda m: log(env, m))
     freeze(model, cfg)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -220,6 +238,7 @@ def fit(cfg: Config, env) -> list[dict]:
                                     val_loss_set.with_stage(stage, seed=cfg.seed, epoch=epoch)
                                     if val_loss_set else None,
                                     collator, run_dir, split="val"))
+        metrics = distributed.broadcast_object(metrics)  # only rank 0 scores; every rank takes the same decisions
         metrics["wall_time_s"] = round(time.time() - t0, 2)
         state["metrics"].append(metrics)
         state["epoch"] = epoch + 1
@@ -232,10 +251,13 @@ def fit(cfg: Config, env) -> list[dict]:
         if improved:
             state["best_metric"] = target
         if not cfg.debug and (improved or not cfg.save_only_improve):
+            info = model_info(cfg, stage, epoch + 1)
             path = ckpt.save_checkpoint(
                 run_dir, epoch + 1, wrapped, optimizer, global_step=state["global_step"],
                 best_metric=state["best_metric"], metrics=state["metrics"], rank=env.rank,
-                world_size=env.world_size, barrier=distributed.barrier, log=lambda m: log(env, m))
+                world_size=env.world_size, barrier=distributed.barrier, log=lambda m: log(env, m),
+                model_files=lambda d: ckpt.save_model_files(d, model.base_model, backbone.tokenizer,
+                                                            backbone.image_processor, info))
             log(env, f"saved {path}")
         _append_metrics(run_dir, metrics, env)
         log(env, _format_metrics(metrics))
@@ -253,9 +275,10 @@ def fit(cfg: Config, env) -> list[dict]:
         best = saved[-1][1] if saved else None
         weights = ckpt.read_model_state_dict(best) if best else ckpt.full_model_state_dict(wrapped)  # FSDP: collective
         if env.master:
-            base_state = {k.removeprefix("base_model."): v for k, v in weights.items()}
+            epoch = int(best.name.split("_")[-1]) if best else state["epoch"]
+            info = model_info(cfg, stage_for_epoch(max(epoch - 1, 0), mode, cfg.epochs_per_stage), epoch)
             out = ckpt.export_hf(model.base_model, backbone.tokenizer, backbone.image_processor, run_dir / "hf_model",
-                                 state_dict=base_state, overwrite=True)
+                                 state_dict=ckpt.backbone_keys(weights), overwrite=True, info=info)
             log(env, f"exported {'the best' if best else 'the final'} model as an HF checkpoint to {out}")
     if report.total:
         log(env, report.summary())
@@ -293,14 +316,14 @@ def train_epoch(wrapped, model, optimizer, dataset, collator, cfg: Config, env, 
                 dynamic_ncols=True)
     batches = iter(loader)
     for window in range(n_windows):
-        micro = [_to_device(next(batches), env.device) for _ in range(accum)]
+        micro = [to_device(next(batches), env.device) for _ in range(accum)]
         n_labels = torch.stack([(b["labels"][:, 1:] != -100).sum() for b in micro]).to(torch.float64)
         global_labels = distributed.all_reduce_sum(n_labels.sum())
         window_loss = torch.zeros((), dtype=torch.float64, device=env.device)
         for i, batch in enumerate(micro):
             min_passes = model.num_passes(batch["input_ids"]) if fsdp else 0
             if fsdp:
-                min_passes = int(distributed.all_reduce_max(min_passes))
+                min_passes = int(distributed.all_reduce_max(min_passes, env.device))
             sync = nullcontext() if i == accum - 1 or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
             with sync, autocast:
                 out = wrapped(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["position_ids"],
@@ -335,12 +358,8 @@ def train_epoch(wrapped, model, optimizer, dataset, collator, cfg: Config, env, 
             _log_step(cfg, state["global_step"], {"train/loss": step_loss, "train/lr": optimizer.param_groups[0]["lr"]})
     pbar.close()
     elapsed = time.time() - t0
-    seen = distributed.all_reduce_sum(torch.tensor(float(seen_tokens))).item()
+    seen = distributed.all_reduce_sum(torch.tensor(float(seen_tokens), device=env.device)).item()
     return (loss_sum / token_count.clamp(min=1)).item(), round(seen / max(elapsed, 1e-9), 1)
-
-
-def _to_device(batch: dict, device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
 _loggers: dict = {}
@@ -380,19 +399,19 @@ def evaluate(wrapped, model, backbone, cfg: Config, env, epoch: int, stage: int,
     batch_size = cfg.eval_batch_size or cfg.batch_size_training
     results = {}
     if loss_set is not None:
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(2, dtype=torch.float64, device=env.device)
         sampler = LengthGroupedBatchSampler(loss_set.lengths, batch_size, shuffle=False, seed=cfg.seed,
                                             rank=env.rank, world_size=env.world_size)
         loader = torch.utils.data.DataLoader(loss_set, batch_sampler=sampler, collate_fn=collator,
                                              num_workers=cfg.num_workers)
         for batch in tqdm(loader, desc="val loss", disable=not env.master, dynamic_ncols=True):
-            batch = _to_device(batch, env.device)
-            min_passes = int(distributed.all_reduce_max(model.num_passes(batch["input_ids"]))) if fsdp else 0
+            batch = to_device(batch, env.device)
+            min_passes = int(distributed.all_reduce_max(model.num_passes(batch["input_ids"]), env.device)) if fsdp else 0
             with autocast:
                 out = wrapped(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["position_ids"],
                               batch["pixel_values"], labelled_logits_only=True, min_passes=min_passes)
             n = (batch["labels"][:, 1:] != -100).sum()
-            total += torch.stack([out.loss.double().cpu() * n.cpu(), n.cpu().double()])
+            total += torch.stack([out.loss.double() * n, n.double()])
         total = distributed.all_reduce_sum(total)
         results["val_loss"] = round((total[0] / total[1].clamp(min=1)).item(), 5)
 
@@ -400,18 +419,10 @@ def evaluate(wrapped, model, backbone, cfg: Config, env, epoch: int, stage: int,
                                         world_size=env.world_size)
     loader = torch.utils.data.DataLoader(gen_set, batch_sampler=sampler, collate_fn=collator,
                                          num_workers=cfg.num_workers)
-    generated = {}
     generate = model.generate if not fsdp else wrapped.generate  # FSDP registered generate as a forward method
-    for batch in tqdm(loader, desc=f"generate ({split})", disable=not env.master, dynamic_ncols=True):
-        batch = _to_device(batch, env.device)
-        with autocast:
-            tokens = generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                              max_new_tokens=cfg.max_new_tokens, position_ids=batch["position_ids"],
-                              synced_gpus=fsdp)
-        new = tokens[:, batch["input_ids"].shape[1]:].cpu()
-        for idx, row in zip(batch["idx"].tolist(), new):
-            text = backbone.tokenizer.decode(row.tolist(), skip_special_tokens=True)
-            generated[samples[idx].question_id] = text
+    generated = generate_texts(generate, loader, samples, backbone.tokenizer, max_new_tokens=cfg.max_new_tokens,
+                               device=env.device, synced_gpus=fsdp, autocast=autocast, desc=f"generate ({split})",
+                               progress=env.master)
     if fsdp:  # FSDP2 keeps the root unsharded after a no-grad forward; the optimizer and checkpoints need shards
         wrapped.reshard()
     generated = gather_generations(generated)
