@@ -28,7 +28,7 @@ from .backbone import load_backbone
 from .config import Config, save_config
 from .curriculum import CoconutDataset, Collator, LengthGroupedBatchSampler, Mode, stage_for_epoch
 from .data import SkipReport, load_samples
-from .evaluate import extract_answer, gather_generations, make_predictions, score, write_predictions
+from .evaluate import gather_generations, score_generations, write_predictions
 from .model import MultimodalCoconut
 
 
@@ -227,7 +227,7 @@ def fit(cfg: Config, env) -> list[dict]:
             _append_metrics(run_dir, metrics, env)
             break
 
-        target = metrics.get("mc_accuracy", metrics.get("da_accuracy"))
+        target = metrics.get("mc_accuracy", metrics.get("da_accuracy", metrics.get("accuracy")))
         improved = target is not None and (state["best_metric"] is None or target > state["best_metric"])
         if improved:
             state["best_metric"] = target
@@ -372,7 +372,7 @@ def _log_step(cfg: Config, step: int, values: dict) -> None:
 @torch.no_grad()
 def evaluate(wrapped, model, backbone, cfg: Config, env, epoch: int, stage: int, samples, gen_set, loss_set,
              collator, run_dir: Path, split: str) -> dict:
-    """Validation loss, then batched generation -> predictions file -> official A-OKVQA metrics (over all ranks)."""
+    """Validation loss, then batched generation -> predictions file -> the dataset's metrics (over all ranks)."""
     wrapped.eval()
     fsdp = env.distributed and cfg.distributed == "fsdp"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and env.device.type == "cuda" and not fsdp \
@@ -418,23 +418,15 @@ def evaluate(wrapped, model, backbone, cfg: Config, env, epoch: int, stage: int,
     if not env.master:
         return results
 
-    answers = {qid: extract_answer(text) for qid, text in generated.items()}
-    predictions = make_predictions(samples, answers)
+    predictions, scores = score_generations(samples, generated, cfg.dataset)
     path = write_predictions(run_dir / f"predictions_{split}_epoch{epoch + 1}.json", predictions)
     for sample in samples[: cfg.num_examples_to_print]:
+        pred = predictions[sample.question_id]
         print(f"  [{sample.question_id}] {sample.question!r}\n    generated: {generated[sample.question_id]!r}\n"
-              f"    prediction: {predictions[sample.question_id]['multiple_choice']!r}   answer: {sample.answer!r}")
-    if samples and samples[0].correct_choice_idx is not None:
-        results.update(score([_record(s) for s in samples], predictions))
+              f"    prediction: {pred.get('multiple_choice', pred.get('answer'))!r}   answer: {sample.answer!r}")
+    results.update(scores)
     print(f"wrote {path}", flush=True)
     return results
-
-
-def _record(sample) -> dict:
-    """The A-OKVQA record fields the official scorer reads."""
-    return {"question_id": sample.question_id, "choices": sample.choices,
-            "correct_choice_idx": sample.correct_choice_idx, "direct_answers": sample.direct_answers,
-            "difficult_direct_answer": sample.difficult_direct_answer}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -456,7 +448,8 @@ def _append_metrics(run_dir: Path, metrics: dict, env) -> None:
 
 def _format_metrics(m: dict) -> str:
     parts = [f"epoch {m['epoch']} (stage {m['stage']})"]
-    for key in ("train_loss", "val_loss", "mc_accuracy", "da_accuracy", "tokens_per_s", "wall_time_s"):
+    for key in ("train_loss", "val_loss", "mc_accuracy", "da_accuracy", "accuracy", "cot_accuracy", "tokens_per_s",
+                "wall_time_s"):
         if m.get(key) is not None:
             parts.append(f"{key} {m[key]:.4g}" if isinstance(m[key], float) else f"{key} {m[key]}")
     return " | ".join(parts)
@@ -469,7 +462,11 @@ def stage_table(metrics: list[dict], mode: Mode) -> str:
         last[m["stage"]] = m
     if not last:
         return ""
-    rows = ["| stage | what the model writes | after epoch | val loss | MC acc. | DA acc. |", "|---|---|---|---|---|---|"]
+    # A-OKVQA's two accuracies, or the own-data ones (accuracy; the original Coconut's CoT match for coconut).
+    own = any("accuracy" in m for m in metrics)
+    keys = ("accuracy", "cot_accuracy") if own else ("mc_accuracy", "da_accuracy")
+    heads = "acc. | CoT match" if own else "MC acc. | DA acc."
+    rows = [f"| stage | what the model writes | after epoch | val loss | {heads} |", "|---|---|---|---|---|---|"]
     for stage, m in sorted(last.items()):
         if mode.cot or stage == 0:
             what = "CoT (all steps)"
@@ -478,6 +475,6 @@ def stage_table(metrics: list[dict], mode: Mode) -> str:
         else:
             what = f"{stage} step(s) as latents" if stage <= mode.max_latent_stage else "all steps as latents"
         fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-        rows.append(f"| {stage} | {what} | {m['epoch']} | {fmt(m.get('val_loss'))} | {fmt(m.get('mc_accuracy'))} "
-                    f"| {fmt(m.get('da_accuracy'))} |")
+        rows.append(f"| {stage} | {what} | {m['epoch']} | {fmt(m.get('val_loss'))} | {fmt(m.get(keys[0]))} "
+                    f"| {fmt(m.get(keys[1]))} |")
     return "\n".join(rows)
