@@ -10,7 +10,8 @@ Three kinds of backbone are supported:
 
 Three presets need no download: `tiny` (a few-million-parameter InternVL with random weights and a byte-level BPE
 tokenizer trained locally, saved as an ordinary HF checkpoint directory and loaded back through `from_pretrained`),
-`tiny-text` (its language model alone, a text-only Qwen2, built and loaded the same way) and `internvl3-1b-shape` (the exact shapes of InternVL3-1B with random weights, for benchmarks).
+`tiny-text` (its language model alone, a text-only Qwen2, built and loaded the same way) and `internvl3-1b-shape`
+(the exact shapes of InternVL3-1B with random weights, for benchmarks).
 """
 
 from __future__ import annotations

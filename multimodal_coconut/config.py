@@ -191,13 +191,14 @@ class Config:
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
 
-        positive = ["batch_size_training", "gradient_accumulation_steps", "num_epochs", "epochs_per_stage", "image_size", "max_length", "max_new_tokens", "log_every",
+        positive = ["batch_size_training", "gradient_accumulation_steps", "num_epochs",
+                    "epochs_per_stage", "image_size", "max_length", "max_new_tokens", "log_every",
                     "builtin_train_size", "builtin_val_size", "eval_batch_size", "max_val_samples"]
         for key in positive:
             value = getattr(self, key)
             _check(value is None or value > 0, [key], f"key '{key}' must be a positive integer, got {value}")
-        non_negative = ["c_thought", "max_latent_stage", "resume", "num_workers", "warmup_steps", "num_examples_to_print",
-                        "weight_decay", "max_grad_norm"]
+        non_negative = ["c_thought", "max_latent_stage", "resume", "num_workers", "warmup_steps",
+                        "num_examples_to_print", "weight_decay", "max_grad_norm"]
         for key in non_negative:
             value = getattr(self, key)
             _check(value is None or value >= 0, [key], f"key '{key}' must be >= 0, got {value}")

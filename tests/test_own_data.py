@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from multimodal_coconut.cli import main
@@ -191,20 +192,26 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-FAST = ["num_epochs=2", "epochs_per_stage=1", "max_latent_stage=2", "num_workers=0", "max_new_tokens=12",
-        "lr=1e-3", "batch_size_training=4"]
+FAST = ["num_epochs=2", "epochs_per_stage=1", "max_latent_stage=2", "num_workers=0", "max_new_tokens=8",
+        "lr=1e-3", "batch_size_training=8"]
 
 
-def test_prosqa_records_train_and_evaluate_through_run_py(tmp_path):
-    """The example config (the original's prosqa_coconut.yaml with tiny-text and a few hand-written records)."""
-    assert main([str(PROSQA), f"save_path={tmp_path}", *FAST]) == 0
-    run = tmp_path / "prosqa-coconut"
-    metrics = read_metrics(run)
-    assert [m["stage"] for m in metrics] == [0, 1] and [m["global_step"] for m in metrics] == [4, 8]
+@pytest.fixture(scope="module")
+def prosqa_run(tmp_path_factory):
+    """The example config (the original's prosqa_coconut.yaml with tiny-text and 16 + 8 hand-written records),
+    2 epochs (stages 0 and 1) in this process."""
+    save = tmp_path_factory.mktemp("prosqa")
+    assert main([str(PROSQA), f"save_path={save}", *FAST]) == 0
+    return save / "prosqa-coconut"
+
+
+def test_prosqa_records_train_and_evaluate_through_run_py(prosqa_run):
+    metrics = read_metrics(prosqa_run)
+    assert [m["stage"] for m in metrics] == [0, 1] and [m["global_step"] for m in metrics] == [2, 4]
     assert metrics[1]["train_loss"] < metrics[0]["train_loss"]
     records = json.loads((FIXTURES / "prosqa_valid.json").read_text())
     for m in metrics:
-        predictions = json.loads((run / f"predictions_val_epoch{m['epoch']}.json").read_text())
+        predictions = json.loads((prosqa_run / f"predictions_val_epoch{m['epoch']}.json").read_text())
         assert list(predictions) == [f"prosqa_valid_{i}" for i in range(len(records))]
         right = [original_run_py_rules(r["question"], predictions[f"prosqa_valid_{i}"]["output"], r["answer"],
                                        r["steps"]) for i, r in enumerate(records)]
@@ -216,26 +223,27 @@ def test_prosqa_records_train_and_evaluate_through_run_py(tmp_path):
 def test_jsonl_with_images_and_text_rows_trains_on_tiny_internvl(tmp_path):
     path, _ = write_jsonl_set(tmp_path)
     args = [str(PROSQA), f"save_path={tmp_path}", "name=jsonl", "model_id=tiny", "image_size=64",
-            "max_num_patches=1", "use_thumbnail=false", f"train_path={path}", f"val_path={path}", *FAST]
+            "max_num_patches=1", "use_thumbnail=false", f"train_path={path}", f"val_path={path}", *FAST,
+            "num_epochs=1", "batch_size_training=2"]
     assert main(args) == 0
-    metrics = read_metrics(tmp_path / "jsonl")
-    assert [m["stage"] for m in metrics] == [0, 1] and all(m["val_loss"] > 0 for m in metrics)
-    predictions = json.loads((tmp_path / "jsonl" / "predictions_val_epoch2.json").read_text())
+    [metrics] = read_metrics(tmp_path / "jsonl")
+    assert metrics["global_step"] == 2 and metrics["train_loss"] > 0 and metrics["val_loss"] > 0
+    predictions = json.loads((tmp_path / "jsonl" / "predictions_val_epoch1.json").read_text())
     assert predictions["mc-img"]["answer"] in ("red", "blue") and predictions["train_3"]["answer"] in ("yes", "no")
-    assert metrics[-1]["accuracy"] is not None and "cot_accuracy" not in metrics[-1]
+    assert metrics["accuracy"] is not None and metrics["n_eval"] == 4 and "cot_accuracy" not in metrics
 
 
-def test_text_model_two_processes_equal_one(tmp_path):
-    """torchrun with 2 CPU processes (gloo) and batch 2 each = one process with batch 4, on the tiny-text Qwen2."""
-    common = [f"save_path={tmp_path}", "num_epochs=1", "num_workers=0", "max_new_tokens=4", "lr=1e-3"]
-    assert main([str(PROSQA), *common, "name=one", "batch_size_training=4"]) == 0
-    env = dict(os.environ, OMP_NUM_THREADS=str(__import__("torch").get_num_threads()))
+def test_text_model_two_processes_equal_one(prosqa_run, tmp_path):
+    """torchrun with 2 CPU processes (gloo) and batch 4 each = one process with batch 8 (the first epoch of the
+    prosqa run), on the text-only tiny-text Qwen2."""
+    two = [f"save_path={tmp_path}", *FAST, "num_epochs=1", "batch_size_training=4"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(29700 + os.getpid() % 1000), str(ROOT / "run.py"), str(PROSQA), *common, "name=two",
-                           "batch_size_training=2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                           str(29700 + os.getpid() % 1000), str(ROOT / "run.py"), str(PROSQA), *two],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = read_metrics(tmp_path / "one")[0], read_metrics(tmp_path / "two")[0]
-    assert one["global_step"] == two["global_step"] == 4  # 16 samples / global batch 4
+    one, [two] = read_metrics(prosqa_run)[0], read_metrics(tmp_path / "prosqa-coconut")
+    assert one["global_step"] == two["global_step"] == 2  # 16 samples / global batch 8
     assert one["train_loss"] == pytest.approx(two["train_loss"], rel=1e-4, abs=1e-5)
     assert one["val_loss"] == pytest.approx(two["val_loss"], rel=1e-4, abs=1e-5)
     assert one["accuracy"] == two["accuracy"] and one["cot_accuracy"] == two["cot_accuracy"]
