@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from multimodal_coconut.cli import main
-from multimodal_coconut.config import load_config
+from multimodal_coconut.config import infer_dataset, load_config
 from multimodal_coconut.data import DataError, SkipReport, load_samples
 from multimodal_coconut.evaluate import coconut_answer, coconut_cot, score_coconut, score_jsonl
 
@@ -95,6 +95,8 @@ def test_original_configs_load_with_only_model_and_paths_changed():
     jsonl = load_config(PROSQA, ["train_path=a.jsonl", "val_path=b.jsonl"], check_paths=False)
     assert jsonl.dataset == "jsonl"
     assert load_config(PROSQA, ["dataset=jsonl"]).dataset == "jsonl"  # an explicit dataset wins
+    assert [infer_dataset(p) for p in ("d/aokvqa_v1p0_val.json", "d/val-0.parquet", "d/x.jsonl", "d/gsm_test.json")] \
+        == ["aokvqa", "aokvqa_hf", "jsonl", "coconut"]
 
 
 def write_json(path, records):
@@ -183,6 +185,26 @@ def test_bad_jsonl_records_are_named(tmp_path):
     report = SkipReport()
     assert len(load_samples("jsonl", path, image_root=None, skip_bad_records=True, report=report)) == 1
     assert report.counts == {"duplicate id": 1} and "question_id 'a': field 'id'" in report.examples[0]
+
+
+def test_jsonl_missing_image_is_named_or_counted(tmp_path, _tiny):
+    from multimodal_coconut.curriculum import CoconutDataset, Mode
+
+    path, _ = write_jsonl_set(tmp_path)
+    (tmp_path / "img" / "blue.png").unlink()
+    samples = load_samples("jsonl", path, image_root=None)
+    build = dict(backbone=_tiny, mode=Mode(coconut=True), stage=0, train=True, max_length=512, seed=0, epoch=0)
+    with pytest.raises(DataError) as info:
+        CoconutDataset(samples, **build)
+    assert str(info.value) == f"{tmp_path / 'img' / 'blue.png'}: question_id 'mc-index': field 'image': image file " \
+        "not found"
+    unanswered = load_samples("jsonl", write_json(tmp_path / "open.json", [{"id": "open", "question": "Why?"}]),
+                              image_root=None)
+    with pytest.raises(DataError, match=r"open.json: question_id 'open': field 'answer': has no answer"):
+        CoconutDataset(unanswered, **build)
+    report = SkipReport()
+    kept = CoconutDataset(samples + unanswered, **build, skip_bad_records=True, report=report)
+    assert len(kept) == 3 and report.counts == {"missing image": 1, "missing field": 1}
 
 
 # --- end to end through run.py -----------------------------------------------------------------------------------
