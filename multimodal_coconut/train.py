@@ -111,7 +111,7 @@ def enable_gradient_checkpointing(model) -> None:
     cache layers are idempotent (`model._PrefixLayer`), so the layers may keep it.
     """
     model.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    for layer in model.decoder.layers:
+    for layer in model.decoder_layers:
         layer._can_checkpoint_with_cache = True
 
 

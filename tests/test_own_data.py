@@ -269,3 +269,40 @@ def test_text_model_two_processes_equal_one(prosqa_run, tmp_path):
     assert one["train_loss"] == pytest.approx(two["train_loss"], rel=1e-4, abs=1e-5)
     assert one["val_loss"] == pytest.approx(two["val_loss"], rel=1e-4, abs=1e-5)
     assert one["accuracy"] == two["accuracy"] and one["cot_accuracy"] == two["cot_accuracy"]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_other_causal_lms_run_the_latent_passes(arch, tmp_path):
+    """GPT-2 (the original Coconut's model; its blocks are `h`, not `layers`) and Llama, built tiny and loaded by
+    directory: the cached latent passes equal a naive recompute, and generation runs."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from multimodal_coconut import MultimodalCoconut, load_backbone
+    from multimodal_coconut.backbone import train_tiny_tokenizer
+
+    tok = train_tiny_tokenizer([])
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
+    else:
+        lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    lm.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    bb = load_backbone(str(tmp_path))
+    model = MultimodalCoconut(bb.model, bb.latent_id, bb.start_latent_id, bb.end_latent_id, bb.eos_token_id).eval()
+    prompt = tok.encode("Is Tom a wumpus?\n") + [bb.start_latent_id, bb.latent_id, bb.latent_id, bb.end_latent_id]
+    ids = torch.tensor([prompt + tok.encode("### Tom is a wumpus.") + [bb.eos_token_id]])
+    mask, pos = torch.ones_like(ids), torch.arange(ids.shape[1])[None]
+    with torch.no_grad():
+        out = model(ids, mask, ids.clone(), pos)
+        embeds = model.embedding(ids).clone()
+        for p in (i for i, t in enumerate(ids[0].tolist()) if t == bb.latent_id):  # one full recompute per thought
+            embeds[:, p] = model.decoder(inputs_embeds=embeds[:, :p], attention_mask=mask[:, :p],
+                                         position_ids=pos[:, :p]).last_hidden_state[:, -1]
+        naive = model.lm_head(model.decoder(inputs_embeds=embeds, attention_mask=mask,
+                                            position_ids=pos).last_hidden_state)
+        torch.testing.assert_close(out.logits, naive, atol=1e-5, rtol=1e-5)
+        tokens = model.generate(ids[:, :len(prompt)], mask[:, :len(prompt)], max_new_tokens=4)
+    assert tokens.shape[1] <= len(prompt) + 4 and tokens[0, :len(prompt)].tolist() == prompt
