@@ -72,10 +72,14 @@ def prepare_builtin(cfg: Config, env) -> None:
 def load_weights(model, path: str, env) -> None:
     """Weights from `path`: one of our checkpoint folders, a .safetensors file, or a torch state dict (.pt/.bin).
 
-    Keys may be the Coconut wrapper's (`base_model.`...) or the bare backbone's (a stage-0 CoT model exported by
-    the original code), as the original run.py allows.
+    Keys may be the Coconut wrapper's (`base_model.`...), the original Coconut wrapper's (`base_causallm.`..., plus
+    `embedding.weight`, its second reference to the input embeddings) or the bare backbone's (a stage-0 CoT model
+    exported by the original code), as the original run.py allows.
     """
     state = ckpt.read_model_state_dict(path)
+    if any(k.startswith("base_causallm.") for k in state):
+        state = {f"base_model.{k.removeprefix('base_causallm.')}": v for k, v in state.items()
+                 if k.startswith("base_causallm.")}
     if not any(k.startswith("base_model.") for k in state):
         state = {f"base_model.{k}": v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)

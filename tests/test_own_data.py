@@ -306,3 +306,26 @@ def test_other_causal_lms_run_the_latent_passes(arch, tmp_path):
         torch.testing.assert_close(out.logits, naive, atol=1e-5, rtol=1e-5)
         tokens = model.generate(ids[:, :len(prompt)], mask[:, :len(prompt)], max_new_tokens=4)
     assert tokens.shape[1] <= len(prompt) + 4 and tokens[0, :len(prompt)].tolist() == prompt
+
+
+def test_original_coconut_checkpoints_load(tiny_lm, tmp_path):
+    """A checkpoint file of the original run.py (torch.save of its Coconut wrapper: `base_causallm.*` and
+    `embedding.weight`, no extension) and a bare backbone state dict both load into our wrapper."""
+    from types import SimpleNamespace
+
+    from multimodal_coconut import MultimodalCoconut
+    from multimodal_coconut.train import load_weights
+
+    model = MultimodalCoconut(tiny_lm.model, tiny_lm.latent_id, tiny_lm.start_latent_id, tiny_lm.end_latent_id,
+                              tiny_lm.eos_token_id)
+    trained = {k: torch.randn_like(v) for k, v in tiny_lm.model.state_dict().items()}
+    original = {f"base_causallm.{k}": v for k, v in trained.items()}
+    original["embedding.weight"] = trained["model.embed_tokens.weight"]
+    torch.save(original, tmp_path / "checkpoint_6")
+    cot = {k: -v for k, v in trained.items()}
+    torch.save(cot, tmp_path / "cot.pt")
+    env = SimpleNamespace(master=False)
+    for path, expected in ((tmp_path / "checkpoint_6", trained), (tmp_path / "cot.pt", cot)):
+        load_weights(model, str(path), env)
+        for k, v in model.base_model.state_dict().items():
+            torch.testing.assert_close(v, expected[k], msg=k)
