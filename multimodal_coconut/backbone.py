@@ -180,8 +180,8 @@ def tiny_dir(texts: Iterable[str] = (), seed: int = 0, cache_dir: str | os.PathL
 
 
 def build_tiny_text(out_dir: str | os.PathLike, texts: Iterable[str] = (), seed: int = 0) -> Path:
-    """Write the `tiny-text` checkpoint: the tiny preset's language model alone (a Qwen2ForCausalLM, ~1.6M parameters
-    with a 1024-token vocabulary) and its locally trained tokenizer, as an ordinary HF directory.
+    """Write the `tiny-text` checkpoint: the tiny preset's language model alone (a Qwen2ForCausalLM, 2.0M parameters
+    with a 536-token vocabulary, 2.1M with 1024) and its locally trained tokenizer, as an ordinary HF directory.
 
     Text only, as the original Coconut's GPT-2, for tests and demos of the text datasets. Deterministic by `seed`
     and `texts`; written under a temporary name and renamed, like `build_tiny`.
