@@ -255,12 +255,10 @@ class CoconutDataset(torch.utils.data.Dataset):
 
         kept: list[tuple[int, Sample, int]] = []
         for idx, sample in enumerate(samples):
+            if train and sample.answer is None:
+                raise DataError(f"has no answer (split {sample.split!r}): it can be predicted, not trained on",
+                                file=sample.source, question_id=sample.question_id, field="answer")
             try:
-                if train and sample.answer is None:
-                    raise DataError("has no answer: it can be predicted, not trained on" if sample.split is None else
-                                    f"has no answer (split {sample.split!r}): it can be predicted, not trained on",
-                                    file=sample.source, question_id=sample.question_id, field="answer",
-                                    reason="missing field")
                 kept.append((idx, sample, self._tiles_of(sample)))
             except DataError as e:
                 raise_or_skip(e, skip_bad_records, report)

@@ -200,11 +200,12 @@ def test_jsonl_missing_image_is_named_or_counted(tmp_path, _tiny):
         "not found"
     unanswered = load_samples("jsonl", write_json(tmp_path / "open.json", [{"id": "open", "question": "Why?"}]),
                               image_root=None)
-    with pytest.raises(DataError, match=r"open.json: question_id 'open': field 'answer': has no answer"):
-        CoconutDataset(unanswered, **build)
+    for skip in (False, True):  # a training file with unanswered rows is wrong as a whole: never skipped
+        with pytest.raises(DataError, match=r"open.json: question_id 'open': field 'answer': has no answer"):
+            CoconutDataset(unanswered + samples, **build, skip_bad_records=skip)
     report = SkipReport()
-    kept = CoconutDataset(samples + unanswered, **build, skip_bad_records=True, report=report)
-    assert len(kept) == 3 and report.counts == {"missing image": 1, "missing field": 1}
+    kept = CoconutDataset(samples, **build, skip_bad_records=True, report=report)
+    assert len(kept) == 3 and report.counts == {"missing image": 1}
 
 
 # --- end to end through run.py -----------------------------------------------------------------------------------
