@@ -8,9 +8,10 @@ Three kinds of backbone are supported:
   only when the config sets `trust_remote_code: true`;
 * any Hugging Face causal LM (text only), as in the original Coconut.
 
-Two presets need no download: `tiny` (a few-million-parameter InternVL with random weights and a byte-level BPE
-tokenizer trained locally, saved as an ordinary HF checkpoint directory and loaded back through `from_pretrained`)
-and `internvl3-1b-shape` (the exact shapes of InternVL3-1B with random weights, for benchmarks).
+Three presets need no download: `tiny` (a few-million-parameter InternVL with random weights and a byte-level BPE
+tokenizer trained locally, saved as an ordinary HF checkpoint directory and loaded back through `from_pretrained`),
+`tiny-text` (its language model alone, a text-only Qwen2, built and loaded the same way) and `internvl3-1b-shape`
+(the exact shapes of InternVL3-1B with random weights, for benchmarks).
 """
 
 from __future__ import annotations
@@ -178,6 +179,47 @@ def tiny_dir(texts: Iterable[str] = (), seed: int = 0, cache_dir: str | os.PathL
     return path
 
 
+def build_tiny_text(out_dir: str | os.PathLike, texts: Iterable[str] = (), seed: int = 0) -> Path:
+    """Write the `tiny-text` checkpoint: the tiny preset's language model alone (a Qwen2ForCausalLM, 2.0M parameters
+    with a 536-token vocabulary, 2.1M with 1024) and its locally trained tokenizer, as an ordinary HF directory.
+
+    Text only, as the original Coconut's GPT-2, for tests and demos of the text datasets. Deterministic by `seed`
+    and `texts`; written under a temporary name and renamed, like `build_tiny`.
+    """
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    _quiet_transformers()
+    out_dir = Path(out_dir)
+    tokenizer = train_tiny_tokenizer(texts)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=160, intermediate_size=768, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp", dir=out_dir.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(out_dir)
+    except OSError:  # another process built it first: theirs is identical (same seed and texts)
+        shutil.rmtree(tmp)
+    return out_dir
+
+
+def tiny_text_dir(texts: Iterable[str] = (), seed: int = 0, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Build (once) and return the cached `tiny-text` checkpoint for these texts and seed."""
+    texts = list(texts)
+    digest = hashlib.sha256(json.dumps([TINY_VERSION, "text", seed, texts]).encode()).hexdigest()[:12]
+    cache_dir = Path(cache_dir or os.environ.get("MMC_CACHE", Path.home() / ".cache" / "multimodal_coconut"))
+    path = cache_dir / f"tiny-text-{digest}"
+    if not (path / "config.json").exists():
+        build_tiny_text(path, texts, seed)
+    return path
+
+
 def internvl3_1b_shape(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """A random-weight model with the exact shapes of InternVL3-1B (InternViT-300M at 448px + Qwen2.5-0.5B).
 
@@ -315,6 +357,8 @@ def load_backbone(
         return _finish(model, tokenizer, image_processor, "hf_internvl", min_num_patches, max_num_patches,
                        use_thumbnail)
     path = str(tiny_dir(tiny_texts, seed)) if model_id == "tiny" else model_id
+    if model_id == "tiny-text":
+        path = str(tiny_text_dir(tiny_texts, seed))
 
     # Decide from config.json itself: transformers' own config classes would already refuse remote code, less clearly.
     config = _config_json(path)

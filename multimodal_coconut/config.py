@@ -85,7 +85,7 @@ class Config:
 
     # --- model ---
     model_id: str = "tiny"
-    """'tiny' (random tiny InternVL built locally), a local model directory, or a Hugging Face hub id."""
+    """'tiny' (random tiny InternVL built locally), 'tiny-text' (its language model alone, text only), a local model directory, or a Hugging Face hub id (any causal LM for text data)."""
     trust_remote_code: bool = False
     """Allow the model's own code from the hub (needed for the original-format OpenGVLab/InternVL3-* checkpoints)."""
     bf16: bool = False
@@ -102,8 +102,8 @@ class Config:
     """Recompute activations in the backward pass to save memory."""
 
     # --- data ---
-    dataset: Literal["aokvqa", "aokvqa_hf", "builtin"] = "aokvqa"
-    """Data source: official A-OKVQA json + COCO images, the HF parquet export, or the generated built-in set."""
+    dataset: Literal["aokvqa", "aokvqa_hf", "builtin", "coconut", "jsonl"] | None = None
+    """Data source: official A-OKVQA json + COCO images, the HF parquet export, the generated built-in set, the original Coconut's json (question, steps, answer), or the general jsonl format (README "Your own data"). null = from the data file's name: aokvqa_v1p0_*.json -> aokvqa, *.parquet or a folder -> aokvqa_hf, *.jsonl -> jsonl, any other -> coconut (so the original's configs run unchanged)."""
     train_path: str | None = None
     """Training split (json for aokvqa/builtin, parquet file or folder for aokvqa_hf)."""
     val_path: str | None = None
@@ -111,7 +111,7 @@ class Config:
     test_path: str | None = None
     """Optional test split (A-OKVQA's test file has no answers, so only predictions are written)."""
     image_root: str | None = None
-    """COCO folder holding {split}2017/ (required for dataset aokvqa; builtin writes its images here)."""
+    """Image folder: COCO's, holding {split}2017/ (required for dataset aokvqa); builtin writes its images here; jsonl image paths are relative to it (null = the data file's folder)."""
     steps_from: Literal["rationales", "first_rationale_sentences", "none"] = "rationales"
     """How A-OKVQA becomes steps: each of the 3 rationales is one step, the sentences of the first rationale, or no steps."""
     answer_from: Literal["choice", "direct"] = "choice"
@@ -191,14 +191,14 @@ class Config:
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
 
-        positive = ["batch_size_training", "gradient_accumulation_steps", "num_epochs", "c_thought",
+        positive = ["batch_size_training", "gradient_accumulation_steps", "num_epochs",
                     "epochs_per_stage", "image_size", "max_length", "max_new_tokens", "log_every",
                     "builtin_train_size", "builtin_val_size", "eval_batch_size", "max_val_samples"]
         for key in positive:
             value = getattr(self, key)
             _check(value is None or value > 0, [key], f"key '{key}' must be a positive integer, got {value}")
-        non_negative = ["max_latent_stage", "resume", "num_workers", "warmup_steps", "num_examples_to_print",
-                        "weight_decay", "max_grad_norm"]
+        non_negative = ["c_thought", "max_latent_stage", "resume", "num_workers", "warmup_steps",
+                        "num_examples_to_print", "weight_decay", "max_grad_norm"]
         for key in non_negative:
             value = getattr(self, key)
             _check(value is None or value >= 0, [key], f"key '{key}' must be >= 0, got {value}")
@@ -213,6 +213,13 @@ class Config:
         _check(len(modes) <= 1, modes, f"at most one of 'coconut', 'cot', 'no_cot' may be true, got {modes}")
         _check(not self.no_thoughts or self.coconut, ["no_thoughts", "coconut"],
                "key 'no_thoughts' is an ablation of the curriculum and needs 'coconut: true'")
+        # The original's CoT configs write c_thought: 0 (unused there); a curriculum with latents needs one or more.
+        _check(self.c_thought > 0 or self.no_thoughts or self.cot or self.no_cot, ["c_thought"],
+               f"key 'c_thought' must be a positive integer (latents per step) unless cot / no_cot / no_thoughts, "
+               f"got {self.c_thought}")
+
+        if self.dataset is None:
+            self.dataset = infer_dataset(self.train_path or self.val_path or self.test_path)
 
         builtin = self.dataset == "builtin"  # the run generates its own files, paths may be left out
         if self.only_eval:
@@ -235,6 +242,18 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """Plain {key: value} with YAML-friendly values, in field order."""
         return dataclasses.asdict(self)
+
+
+def infer_dataset(path: str | None) -> str | None:
+    """The dataset a data file's name implies (the `dataset: null` rule); None without a path."""
+    if path is None:
+        return None
+    name = os.path.basename(os.path.normpath(path))
+    if re.fullmatch(r"aokvqa_v1p0_\w+\.json", name):
+        return "aokvqa"
+    if name.endswith(".parquet") or os.path.isdir(path):
+        return "aokvqa_hf"
+    return "jsonl" if name.endswith(".jsonl") else "coconut"
 
 
 def _check(ok: bool, keys: Sequence[str], message: str) -> None:

@@ -1,8 +1,10 @@
-"""Data sources: A-OKVQA (official json + COCO images, or the Hugging Face parquet copy) and the built-in set.
+"""Data sources: A-OKVQA (official json + COCO images, or the HF parquet copy), the built-in set, and your own data.
 
     samples = load_samples("aokvqa", "data/aokvqa/aokvqa_v1p0_train.json", image_root="data/coco")
     samples = load_samples("aokvqa_hf", "data/A-OKVQA/data/train-00000-of-00002.parquet", image_root=None)
     samples = load_samples("builtin", "data/generated/builtin/aokvqa_v1p0_train.json", image_root=None)
+    samples = load_samples("coconut", "data/prosqa_train.json", image_root=None)     # the original Coconut's json
+    samples = load_samples("jsonl", "data/scienceqa/train.jsonl", image_root="data/scienceqa/images")
 
 Every source becomes a list of `Sample`s: question, choices, answers, the reasoning `steps` and a reference to the
 image (a file path, or the encoded bytes embedded in the parquet file). Images are never decoded here; the
@@ -24,6 +26,12 @@ Answers: `answer_from: choice` trains on `choices[correct_choice_idx]`; `direct`
 direct answers (ties go to the one listed first). The test split has no answers: its samples have `answer=None`
 and can be predicted but not trained on.
 
+Your own data. `coconut`: the original Coconut's files unchanged, a JSON list of {"question", "steps", "answer"}
+(other fields ignored), text only; the question ids are `{file stem}_{index}`. `jsonl`: a JSON list or JSON Lines of
+{"id", "image", "question", "choices", "answer", "steps"}, where only "question" (and "answer", to train or score) is
+required; "image" is a path under `image_root` (default: the data file's folder) and rows without one are text only;
+with "choices", "answer" is the correct choice's text or 0-based index. How each is scored: evaluate.py.
+
 Bad records (a missing or malformed field, `correct_choice_idx` out of range, an empty question) raise `DataError`
 naming the file, the question_id and the field; with `skip_bad_records=True` they are skipped and counted in a
 `SkipReport` instead. Nothing is ever dropped silently.
@@ -42,6 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
+
+from .evaluate import normalize_answer
 
 SPLITS = ("train", "val", "test")
 _HF_SPLIT_NAMES = {"train": "train", "validation": "val", "val": "val", "test": "test"}
@@ -167,7 +177,7 @@ def load_samples(
     max_samples: int | None = None,
     report: SkipReport | None = None,
 ) -> list[Sample]:
-    """Read one split of `dataset` ("aokvqa", "aokvqa_hf" or "builtin") into Samples, in file order.
+    """Read one split of `dataset` ("aokvqa", "aokvqa_hf", "builtin", "coconut" or "jsonl") into Samples, in file order.
 
     The split (train / val / test) is the record's `split` field, else the file name (`aokvqa_v1p0_{split}.json`,
     or `{train,validation,test}-*.parquet` as the hub names them). Images of aokvqa are
@@ -179,6 +189,8 @@ def load_samples(
     if answer_from not in ("choice", "direct"):
         raise ValueError(f"answer_from must be 'choice' or 'direct', got {answer_from!r}")
     path = os.fspath(path)
+    if dataset in ("coconut", "jsonl"):
+        return _load_own(dataset, path, image_root, skip_bad_records, max_samples, report)
     if dataset in ("aokvqa", "builtin"):
         if image_root is None:
             if dataset == "aokvqa":
@@ -188,7 +200,8 @@ def load_samples(
     elif dataset == "aokvqa_hf":
         records = _read_parquet(path)
     else:
-        raise ValueError(f"unknown dataset {dataset!r}; expected 'aokvqa', 'aokvqa_hf' or 'builtin'")
+        raise ValueError(f"unknown dataset {dataset!r}; expected 'aokvqa', 'aokvqa_hf', 'builtin', 'coconut' or "
+                         "'jsonl'")
     if max_samples is not None:
         records = records[:max_samples]
 
@@ -337,3 +350,145 @@ def _to_sample(record, file, row, dataset, image_root, steps_from, answer_from) 
     return Sample(question_id=qid, image=image, question=question.strip(), choices=list(choices),
                   correct_choice_idx=correct, direct_answers=None if direct is None else list(direct),
                   difficult_direct_answer=difficult, steps=steps, answer=answer, split=split, source=file, row=row)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Your own data: the original Coconut's json, and the general jsonl format
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _load_own(dataset, path, image_root, skip_bad_records, max_samples, report) -> list[Sample]:
+    """Samples of the `coconut` or `jsonl` format (see the module docstring); ids must be unique in a file."""
+    records = _read_json(path) if dataset == "coconut" else _read_json_or_lines(path)
+    if max_samples is not None:
+        records = records[:max_samples]
+    if image_root is None:
+        image_root = os.path.dirname(path)  # jsonl: image paths relative to the data file
+    stem = Path(path).name.split(".")[0]
+    to_sample = _coconut_sample if dataset == "coconut" else _jsonl_sample
+    samples, seen = [], {}
+    for row, (file, record) in enumerate(records):
+        try:
+            sample = to_sample(record, file, row, f"{stem}_{row}", image_root)
+            if sample.question_id in seen:
+                raise DataError(f"record {row} has the id of record {seen[sample.question_id]}; ids must be unique",
+                                file=file, question_id=sample.question_id, field="id", reason="duplicate id")
+            seen[sample.question_id] = row
+            samples.append(sample)
+        except DataError as e:
+            raise_or_skip(e, skip_bad_records, report)
+    return samples
+
+
+def _read_json_or_lines(path: str) -> list[tuple[str, dict]]:
+    """A JSON list of records, or JSON Lines (one record per line; blank lines ignored)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise DataError("data file not found", file=path) from None
+    if text.lstrip().startswith("["):
+        return _read_json(path)
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((path, json.loads(line)))
+        except json.JSONDecodeError as e:
+            # A line that is not JSON cannot be skipped: the records after it would shift their derived ids.
+            raise DataError(f"line {n} is not valid JSON: {e}", file=path) from None
+    return records
+
+
+def _text(record: dict, name: str, bad, *, required: bool = True) -> str | None:
+    value = record.get(name)
+    if value is None:
+        if required:
+            raise bad(name, "missing", "missing field")
+        return None
+    if not isinstance(value, str):
+        raise bad(name, f"expected a string, got {value!r}")
+    if not value.strip():
+        raise bad(name, "is empty", f"empty {name}")
+    return value
+
+
+def _steps(record: dict, bad) -> list[str]:
+    steps = record.get("steps")
+    if steps is None:
+        return []
+    if not isinstance(steps, list) or not all(isinstance(s, str) and s.strip() for s in steps):
+        raise bad("steps", f"expected a list of non-empty strings, got {steps!r}")
+    return steps
+
+
+def _record_checker(record, file, row, default_id, id_field):
+    """(question_id, bad): the record's id (or `default_id`) and a DataError factory naming file, id and field."""
+    if not isinstance(record, dict):
+        raise DataError(f"record {row} is not a JSON object", file=file, question_id=default_id,
+                        reason="malformed record")
+    qid = record.get(id_field) if id_field else None
+    if id_field and qid is not None:
+        if not isinstance(qid, (str, int)) or isinstance(qid, bool) or qid == "":
+            raise DataError(f"record {row}: expected a string or integer id, got {qid!r}", file=file,
+                            question_id=default_id, field=id_field)
+        qid = str(qid)
+    qid = qid or default_id
+
+    def bad(f, message, reason="bad field"):
+        return DataError(message, file=file, question_id=qid, field=f, reason=reason)
+
+    return qid, bad
+
+
+def _coconut_sample(record, file, row, default_id, image_root) -> Sample:
+    """A record of the original Coconut's files: {"question", "steps", "answer"}; other fields are ignored.
+
+    Kept as the original reads them: the question, steps and answer are not re-spaced (the original's round-trip
+    check tokenises them as they are), and the id is `{file stem}_{index}` (the original's `idx`).
+    """
+    qid, bad = _record_checker(record, file, row, default_id, id_field=None)
+    question = _text(record, "question", bad)
+    if record.get("steps") is None:
+        raise bad("steps", "missing", "missing field")
+    steps = _steps(record, bad)
+    answer = _text(record, "answer", bad)
+    return Sample(question_id=qid, image=None, question=question, choices=[], correct_choice_idx=None,
+                  direct_answers=None, difficult_direct_answer=False, steps=steps, answer=answer, source=file, row=row)
+
+
+def _jsonl_sample(record, file, row, default_id, image_root) -> Sample:
+    """A record of the general format: {"id", "image", "question", "choices", "answer", "steps"}.
+
+    Only "question" is required ("answer" too for training and scoring). With "choices", "answer" is the correct
+    choice (its text, equal exactly or after `normalize_answer`, or its 0-based index). "image" is a path relative
+    to `image_root` (default: the data file's folder); a row without it is text only.
+    """
+    qid, bad = _record_checker(record, file, row, default_id, id_field="id")
+    question = _text(record, "question", bad)
+    image = _text(record, "image", bad, required=False)
+    choices = record.get("choices")
+    if choices is not None and (not isinstance(choices, list) or not choices
+                                or not all(isinstance(c, str) and c.strip() for c in choices)):
+        raise bad("choices", f"expected a non-empty list of non-empty strings, got {choices!r}")
+    answer, correct = record.get("answer"), None
+    if choices and isinstance(answer, int) and not isinstance(answer, bool):
+        if not 0 <= answer < len(choices):
+            raise bad("answer", f"index {answer} is out of range for {len(choices)} choices",
+                      "answer not among the choices")
+        correct, answer = answer, choices[answer]
+    elif answer is not None:
+        answer = _text(record, "answer", bad)
+        if choices:  # the answer is found among the choices as predictions are mapped to them
+            exact = [i for i, c in enumerate(choices) if c == answer]
+            loose = [i for i, c in enumerate(choices) if normalize_answer(c) == normalize_answer(answer)]
+            if not (exact or loose):
+                raise bad("answer", f"{answer!r} is not one of the choices {choices}", "answer not among the choices")
+            correct = (exact or loose)[0]
+            answer = choices[correct]
+    return Sample(question_id=qid, image=None if image is None else os.path.join(os.fspath(image_root), image),
+                  question=question.strip(), choices=list(choices or []), correct_choice_idx=correct,
+                  direct_answers=None, difficult_direct_answer=False,
+                  steps=[" ".join(s.split()) for s in _steps(record, bad)],
+                  answer=None if answer is None else " ".join(answer.split()), source=file, row=row)

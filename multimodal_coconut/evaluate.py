@@ -1,4 +1,6 @@
-"""A-OKVQA evaluation: generated text -> answer -> official predictions file -> official MC / DA accuracy.
+"""Evaluation: generated text -> answer -> predictions file -> metrics. A-OKVQA's official MC / DA accuracy, the
+original Coconut's accuracy and CoT match (dataset coconut), and accuracy on the general format (dataset jsonl).
+`score_generations` picks the rules by dataset.
 
     answers = gather_generations(local_texts)                 # {question_id: generated text}, all ranks
     preds = make_predictions(val_records, answers)            # {qid: {"multiple_choice": ..., "direct_answer": ...}}
@@ -209,6 +211,90 @@ def score(records: list[Mapping], predictions: Mapping[str, Mapping[str, str]], 
                 acc.append(min(1.0, num_match / 3.0))
             result["da_accuracy"] = sum(acc) / len(acc) * 100
     return result
+
+
+# --- the original Coconut's rules (dataset coconut) and the general format (dataset jsonl) -------------------------
+
+
+def coconut_answer(text: str) -> str:
+    """The original Coconut's answer: the text after the last '#', commas removed, stripped ("### 1,234" -> "1234")."""
+    return text.split("#")[-1].replace(",", "").strip()
+
+
+def coconut_cot(text: str) -> str:
+    """The original Coconut's written chain of thought: the generated text before the first '#', stripped.
+
+    The original decodes prompt and generation together and drops the first line (the question); we decode only
+    the new tokens, so nothing is dropped. Compared with `"\n".join(steps)` of the record (`score_coconut`).
+    """
+    return text.split("#")[0].strip()
+
+
+def score_coconut(samples: Iterable[Any], generated: Mapping[str, str]) -> tuple[dict, dict]:
+    """(predictions, metrics) by the original Coconut's run.py.
+
+    accuracy: `coconut_answer(output) == answer.replace(",", "").strip()`; cot_accuracy (the original's "CoT
+    match"): `coconut_cot(output) == "\n".join(steps)`, all the record's steps, so, as in the original, it can only
+    be non-zero for a model that writes its whole chain (stage 0, CoT). Both in percent over the samples; a sample
+    without generated text counts wrong. predictions: {question_id: {"output", "answer", "cot"}}.
+    """
+    predictions, correct, cot_correct, n = {}, 0, 0, 0
+    for sample in samples:
+        qid, n = _field(sample, "question_id"), n + 1
+        if qid not in generated:
+            continue
+        text = generated[qid]
+        predictions[qid] = {"output": text, "answer": coconut_answer(text), "cot": coconut_cot(text)}
+        correct += predictions[qid]["answer"] == _field(sample, "answer").replace(",", "").strip()
+        cot_correct += predictions[qid]["cot"] == "\n".join(_field(sample, "steps"))
+    if not n:
+        raise ValueError("score_coconut: no samples")
+    return predictions, {"accuracy": correct / n * 100, "cot_accuracy": cot_correct / n * 100, "n_eval": n}
+
+
+def score_jsonl(samples: Iterable[Any], generated: Mapping[str, str]) -> tuple[dict, dict]:
+    """(predictions, metrics) of the general format.
+
+    The answer is `extract_answer(output)` (after the last `###`). A question with choices is right when
+    `map_to_choice(answer, choices)` is its correct choice (as A-OKVQA's multiple choice); one without when
+    `normalize_answer(answer) == normalize_answer(reference)` (VQA normalisation). accuracy is in percent over the
+    questions that have an answer (None when none has: predictions only). predictions: {question_id: {"output",
+    "answer"}}, where "answer" is the chosen choice for a question with choices.
+    """
+    predictions, correct, n = {}, 0, 0
+    for sample in samples:
+        qid, choices, reference = (_field(sample, k) for k in ("question_id", "choices", "answer"))
+        n += reference is not None
+        if qid not in generated:
+            continue
+        answer = extract_answer(generated[qid])
+        if choices:
+            answer = map_to_choice(answer, list(choices))
+            right = reference is not None and answer == choices[_field(sample, "correct_choice_idx")]
+        else:
+            right = reference is not None and normalize_answer(answer) == normalize_answer(reference)
+        predictions[qid] = {"output": generated[qid], "answer": answer}
+        correct += right
+    return predictions, {"accuracy": correct / n * 100 if n else None, "n_eval": n}
+
+
+def score_generations(samples: list[Any], generated: Mapping[str, str], dataset: str) -> tuple[dict, dict]:
+    """(predictions file content, metrics) of `generated` ({question_id: new tokens decoded}) by `dataset`'s rules.
+
+    aokvqa / aokvqa_hf / builtin: the official A-OKVQA predictions file and `score` (mc_accuracy, da_accuracy;
+    no metrics for the unannotated test split). coconut: `score_coconut`. jsonl: `score_jsonl`.
+    """
+    if dataset == "coconut":
+        return score_coconut(samples, generated)
+    if dataset == "jsonl":
+        return score_jsonl(samples, generated)
+    predictions = make_predictions(samples, generated)
+    if not samples or _field(samples[0], "correct_choice_idx") is None:
+        return predictions, {}
+    records = [{"question_id": s.question_id, "choices": s.choices, "correct_choice_idx": s.correct_choice_idx,
+                "direct_answers": s.direct_answers, "difficult_direct_answer": s.difficult_direct_answer}
+               for s in samples]
+    return predictions, score(records, predictions)
 
 
 # --- files and ranks -------------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ class MultimodalCoconut(nn.Module):
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value < vocab:
                 raise ValueError(f"{name}={value!r} is not a token id of this model (vocabulary size {vocab})")
-        self.num_layers = len(self.decoder.layers)
+        self.num_layers = len(self.decoder_layers)
 
     # The parts are looked up, not stored: assigning them as attributes would register every parameter twice.
     @property
@@ -104,6 +104,12 @@ class MultimodalCoconut(nn.Module):
         if self.kind == "hf_internvl":
             return self.base_model.model.language_model
         return self.base_model.get_decoder()
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        """The decoder's blocks: `layers` (Qwen2, Llama, InternVL's LM), `h` (GPT-2, as in the original Coconut)."""
+        decoder = self.decoder
+        return decoder.layers if hasattr(decoder, "layers") else decoder.h
 
     @property
     def lm_head(self) -> nn.Module:

@@ -28,7 +28,7 @@ from .backbone import load_backbone
 from .config import Config, save_config
 from .curriculum import CoconutDataset, Collator, LengthGroupedBatchSampler, Mode, stage_for_epoch
 from .data import SkipReport, load_samples
-from .evaluate import extract_answer, gather_generations, make_predictions, score, write_predictions
+from .evaluate import gather_generations, score_generations, write_predictions
 from .inference import backbone_from, generate_texts, model_info, to_device
 from .model import MultimodalCoconut
 
@@ -84,10 +84,14 @@ def model_source(cfg: Config, latest: Path | None) -> Path | None:
 
 def load_weights(model, path: str, env) -> None:
     """Weights from `path` into a model built from `model_id`: a .safetensors file or a torch state dict (the
-    original Coconut's checkpoint files). Keys may be the Coconut wrapper's (`base_model.`...) or the bare
-    backbone's (a stage-0 CoT model exported by the original code), as the original run.py allows.
+    original Coconut's checkpoint files). Keys may be the Coconut wrapper's (`base_model.`...), the original
+    Coconut wrapper's (`base_causallm.`..., plus `embedding.weight`, its second reference to the input embeddings)
+    or the bare backbone's (a stage-0 CoT model exported by the original code), as the original run.py allows.
     """
     state = ckpt.read_model_state_dict(path)
+    if any(k.startswith("base_causallm.") for k in state):
+        state = {f"base_model.{k.removeprefix('base_causallm.')}": v for k, v in state.items()
+                 if k.startswith("base_causallm.")}
     if not any(k.startswith("base_model.") for k in state):
         state = {f"base_model.{k}": v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -123,7 +127,7 @@ def enable_gradient_checkpointing(model) -> None:
     cache layers are idempotent (`model._PrefixLayer`), so the layers may keep it.
     """
     model.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    for layer in model.decoder.layers:
+    for layer in model.decoder_layers:
         layer._can_checkpoint_with_cache = True
 
 
@@ -246,7 +250,7 @@ def fit(cfg: Config, env) -> list[dict]:
             _append_metrics(run_dir, metrics, env)
             break
 
-        target = metrics.get("mc_accuracy", metrics.get("da_accuracy"))
+        target = metrics.get("mc_accuracy", metrics.get("da_accuracy", metrics.get("accuracy")))
         improved = target is not None and (state["best_metric"] is None or target > state["best_metric"])
         if improved:
             state["best_metric"] = target
@@ -391,7 +395,7 @@ def _log_step(cfg: Config, step: int, values: dict) -> None:
 @torch.no_grad()
 def evaluate(wrapped, model, backbone, cfg: Config, env, epoch: int, stage: int, samples, gen_set, loss_set,
              collator, run_dir: Path, split: str) -> dict:
-    """Validation loss, then batched generation -> predictions file -> official A-OKVQA metrics (over all ranks)."""
+    """Validation loss, then batched generation -> predictions file -> the dataset's metrics (over all ranks)."""
     wrapped.eval()
     fsdp = env.distributed and cfg.distributed == "fsdp"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and env.device.type == "cuda" and not fsdp \
@@ -429,23 +433,15 @@ def evaluate(wrapped, model, backbone, cfg: Config, env, epoch: int, stage: int,
     if not env.master:
         return results
 
-    answers = {qid: extract_answer(text) for qid, text in generated.items()}
-    predictions = make_predictions(samples, answers)
+    predictions, scores = score_generations(samples, generated, cfg.dataset)
     path = write_predictions(run_dir / f"predictions_{split}_epoch{epoch + 1}.json", predictions)
     for sample in samples[: cfg.num_examples_to_print]:
+        pred = predictions[sample.question_id]
         print(f"  [{sample.question_id}] {sample.question!r}\n    generated: {generated[sample.question_id]!r}\n"
-              f"    prediction: {predictions[sample.question_id]['multiple_choice']!r}   answer: {sample.answer!r}")
-    if samples and samples[0].correct_choice_idx is not None:
-        results.update(score([_record(s) for s in samples], predictions))
+              f"    prediction: {pred.get('multiple_choice', pred.get('answer'))!r}   answer: {sample.answer!r}")
+    results.update(scores)
     print(f"wrote {path}", flush=True)
     return results
-
-
-def _record(sample) -> dict:
-    """The A-OKVQA record fields the official scorer reads."""
-    return {"question_id": sample.question_id, "choices": sample.choices,
-            "correct_choice_idx": sample.correct_choice_idx, "direct_answers": sample.direct_answers,
-            "difficult_direct_answer": sample.difficult_direct_answer}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -467,7 +463,8 @@ def _append_metrics(run_dir: Path, metrics: dict, env) -> None:
 
 def _format_metrics(m: dict) -> str:
     parts = [f"epoch {m['epoch']} (stage {m['stage']})"]
-    for key in ("train_loss", "val_loss", "mc_accuracy", "da_accuracy", "tokens_per_s", "wall_time_s"):
+    for key in ("train_loss", "val_loss", "mc_accuracy", "da_accuracy", "accuracy", "cot_accuracy", "tokens_per_s",
+                "wall_time_s"):
         if m.get(key) is not None:
             parts.append(f"{key} {m[key]:.4g}" if isinstance(m[key], float) else f"{key} {m[key]}")
     return " | ".join(parts)
@@ -480,7 +477,11 @@ def stage_table(metrics: list[dict], mode: Mode) -> str:
         last[m["stage"]] = m
     if not last:
         return ""
-    rows = ["| stage | what the model writes | after epoch | val loss | MC acc. | DA acc. |", "|---|---|---|---|---|---|"]
+    # A-OKVQA's two accuracies, or the own-data ones (accuracy; the original Coconut's CoT match for coconut).
+    own = any("accuracy" in m for m in metrics)
+    keys = ("accuracy", "cot_accuracy") if own else ("mc_accuracy", "da_accuracy")
+    heads = "acc. | CoT match" if own else "MC acc. | DA acc."
+    rows = [f"| stage | what the model writes | after epoch | val loss | {heads} |", "|---|---|---|---|---|---|"]
     for stage, m in sorted(last.items()):
         if mode.cot or stage == 0:
             what = "CoT (all steps)"
@@ -489,6 +490,6 @@ def stage_table(metrics: list[dict], mode: Mode) -> str:
         else:
             what = f"{stage} step(s) as latents" if stage <= mode.max_latent_stage else "all steps as latents"
         fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-        rows.append(f"| {stage} | {what} | {m['epoch']} | {fmt(m.get('val_loss'))} | {fmt(m.get('mc_accuracy'))} "
-                    f"| {fmt(m.get('da_accuracy'))} |")
+        rows.append(f"| {stage} | {what} | {m['epoch']} | {fmt(m.get('val_loss'))} | {fmt(m.get(keys[0]))} "
+                    f"| {fmt(m.get(keys[1]))} |")
     return "\n".join(rows)
