@@ -127,6 +127,11 @@ def lr_factor(cfg: Config, step: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def steps_per_epoch(n_micro_batches: int, accumulation: int) -> int:
+    """Optimizer steps of an epoch of `n_micro_batches` per process: one per window, the last one maybe partial."""
+    return math.ceil(n_micro_batches / accumulation)
+
+
 def make_optimizer(model, cfg: Config):
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -197,9 +202,8 @@ def fit(cfg: Config, env) -> list[dict]:
     val_loss_set = CoconutDataset(val_samples, stage=0, train=True, epoch=0, **build) \
         if val_samples and not cfg.only_eval and val_samples[0].answer is not None else None
     val_gen_set = CoconutDataset(val_samples, stage=0, train=False, epoch=0, **build) if val_samples else None
-    steps_per_epoch = math.ceil(len(train_set or []) / (cfg.batch_size_training * env.world_size)) \
-        // cfg.gradient_accumulation_steps if train_set else 0
-    total_steps = steps_per_epoch * cfg.num_epochs
+    micro_batches = math.ceil(len(train_set or []) / (cfg.batch_size_training * env.world_size))  # the sampler's
+    total_steps = steps_per_epoch(micro_batches, cfg.gradient_accumulation_steps) * cfg.num_epochs
 
     for epoch in [cfg.resume] if cfg.only_eval else range(state["epoch"], cfg.num_epochs):
         stage = stage_for_epoch(epoch, mode, cfg.epochs_per_stage)
@@ -285,7 +289,7 @@ def train_epoch(wrapped, model, optimizer, dataset, collator, cfg: Config, env, 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and env.device.type == "cuda" and not fsdp \
         else nullcontext()
     accum = cfg.gradient_accumulation_steps
-    n_windows = len(sampler) // accum  # the few micro-batches past the last full window are dropped
+    n_windows = steps_per_epoch(len(sampler), accum)
     loss_sum = torch.zeros((), dtype=torch.float64)
     token_count = torch.zeros((), dtype=torch.float64)
     seen_tokens, t0 = 0, time.time()
@@ -293,7 +297,10 @@ def train_epoch(wrapped, model, optimizer, dataset, collator, cfg: Config, env, 
                 dynamic_ncols=True)
     batches = iter(loader)
     for window in range(n_windows):
-        micro = [_to_device(next(batches), env.device) for _ in range(accum)]
+        # The last window may be partial (as in the original, which steps on it): its loss is the mean over its own
+        # label tokens, like any other window's.
+        size = min(accum, len(sampler) - window * accum)
+        micro = [_to_device(next(batches), env.device) for _ in range(size)]
         n_labels = torch.stack([(b["labels"][:, 1:] != -100).sum() for b in micro]).to(torch.float64)
         global_labels = distributed.all_reduce_sum(n_labels.sum())
         window_loss = torch.zeros((), dtype=torch.float64, device=env.device)
@@ -301,7 +308,7 @@ def train_epoch(wrapped, model, optimizer, dataset, collator, cfg: Config, env, 
             min_passes = model.num_passes(batch["input_ids"]) if fsdp else 0
             if fsdp:
                 min_passes = int(distributed.all_reduce_max(min_passes))
-            sync = nullcontext() if i == accum - 1 or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
+            sync = nullcontext() if i == size - 1 or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
             with sync, autocast:
                 out = wrapped(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["position_ids"],
                               batch["pixel_values"], labelled_logits_only=cfg.loss_logits_only,

@@ -173,3 +173,81 @@ def test_gradient_checkpointing_keeps_the_latent_cache(tiny):
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+# -- gradient accumulation --------------------------------------------------------------------------------------
+
+
+def _epoch_with_recorded_steps(tiny, data_dir, n_samples, batch, accum):
+    """train_epoch on the first n_samples of the built-in set with plain SGD; records every optimizer step's
+    gradients and the parameters before it, and the micro-batches the loader produced, in order."""
+    from multimodal_coconut import MultimodalCoconut
+    from multimodal_coconut.config import Config
+    from multimodal_coconut.curriculum import CoconutDataset, Collator, Mode
+    from multimodal_coconut.data import load_samples
+    from multimodal_coconut.distributed import DistEnv
+    from multimodal_coconut.train import train_epoch
+
+    cfg = Config(dataset="builtin", batch_size_training=batch, gradient_accumulation_steps=accum, num_workers=0,
+                 max_grad_norm=0, lr=0.5, weight_decay=0.0, save_path=str(data_dir / "unused"))
+    samples = load_samples("builtin", data_dir / "aokvqa_v1p0_train.json", image_root=data_dir)[:n_samples]
+    mode = Mode.from_config(cfg)
+    dataset = CoconutDataset(samples, tiny, mode, 0, train=True, max_length=4096, seed=0, epoch=0)
+    model = MultimodalCoconut(tiny.model, tiny.latent_id, tiny.start_latent_id, tiny.end_latent_id,
+                              tiny.eos_token_id)
+    batches = []
+
+    def collate(features):
+        out = Collator(tiny)(features)
+        batches.append(out)
+        return out
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    steps = []
+    step = optimizer.step
+
+    def recording_step():
+        steps.append({"params": {n: p.detach().clone() for n, p in model.named_parameters()},
+                      "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                      "n_batches": len(batches)})
+        step()
+
+    optimizer.step = recording_step
+    state = {"global_step": 0}
+    loss, _ = train_epoch(model, model, optimizer, dataset, collate, cfg, DistEnv(), 0, 0, state, total_steps=100)
+    return model, steps, batches, loss, state
+
+
+def test_partial_accumulation_window_steps_on_its_own_tokens(tiny, data_dir):
+    """5 micro-batches, accumulation 2: 3 optimizer steps; the last, on one micro-batch, is the SGD step of that
+    micro-batch's own per-token mean loss (the original steps on the partial window; we used to drop it)."""
+    model, steps, batches, loss, state = _epoch_with_recorded_steps(tiny, data_dir, n_samples=10, batch=2, accum=2)
+    assert len(batches) == 5 and state["global_step"] == 3 == len(steps)
+    assert [s["n_batches"] for s in steps] == [2, 4, 5]
+    last = steps[-1]
+    final = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(last["params"][name])
+    b = batches[-1]
+    model.zero_grad()
+    model(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"], b["pixel_values"]).loss.backward()
+    reference = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert reference.keys() == last["grads"].keys()
+    for name in reference:
+        torch.testing.assert_close(last["grads"][name], reference[name], atol=1e-6, rtol=1e-5, msg=name)
+    for name, p in final.items():  # and the update applied is that SGD step (lr 0.5, constant schedule)
+        expected = last["params"][name] - 0.5 * reference[name] if name in reference else last["params"][name]
+        torch.testing.assert_close(p, expected, atol=1e-6, rtol=1e-5, msg=name)
+    assert loss > 0
+
+
+def test_an_epoch_shorter_than_one_window_still_trains(tiny, data_dir):
+    model, steps, batches, loss, state = _epoch_with_recorded_steps(tiny, data_dir, n_samples=4, batch=2, accum=8)
+    assert len(batches) == 2 and state["global_step"] == 1 and loss > 0
+
+
+def test_steps_per_epoch_counts_the_partial_window():
+    from multimodal_coconut.train import steps_per_epoch
+
+    assert [steps_per_epoch(n, 2) for n in (1, 2, 5, 6)] == [1, 1, 3, 3]
