@@ -153,7 +153,9 @@ class Config:
     weight_decay: float = 0.01
     """AdamW weight decay."""
     reset_optimizer: bool = False
-    """Make a fresh optimizer at the start of every curriculum stage (the original did it every epoch)."""
+    """Make a fresh optimizer (new AdamW moments) during training, when reset_optimizer_every says."""
+    reset_optimizer_every: Literal["stage", "epoch"] = "stage"
+    """With reset_optimizer: at the start of every curriculum stage, or of every epoch (the original Coconut's)."""
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     """Learning-rate schedule after warmup; the original used a constant rate."""
     warmup_steps: int = 0

@@ -132,6 +132,13 @@ def steps_per_epoch(n_micro_batches: int, accumulation: int) -> int:
     return math.ceil(n_micro_batches / accumulation)
 
 
+def resets_optimizer(cfg: Config, epoch: int) -> bool:
+    """Whether epoch `epoch` starts with a fresh optimizer: every stage start, or every epoch as the original does."""
+    if not cfg.reset_optimizer or epoch == 0:  # epoch 0 has a fresh one anyway
+        return False
+    return cfg.reset_optimizer_every == "epoch" or epoch % cfg.epochs_per_stage == 0
+
+
 def make_optimizer(model, cfg: Config):
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -210,8 +217,8 @@ def fit(cfg: Config, env) -> list[dict]:
         t0 = time.time()
         train_loss, tokens_per_s = None, None
         if not cfg.only_eval:
-            if cfg.reset_optimizer and epoch % cfg.epochs_per_stage == 0 and epoch > 0:
-                optimizer = make_optimizer(wrapped, cfg)  # a new stage starts with fresh Adam moments
+            if resets_optimizer(cfg, epoch):
+                optimizer = make_optimizer(wrapped, cfg)
             train_loss, tokens_per_s = train_epoch(
                 wrapped, model, optimizer, train_set.with_stage(stage, seed=cfg.seed, epoch=epoch), collator,
                 cfg, env, epoch, stage, state, total_steps)

@@ -251,3 +251,16 @@ def test_steps_per_epoch_counts_the_partial_window():
     from multimodal_coconut.train import steps_per_epoch
 
     assert [steps_per_epoch(n, 2) for n in (1, 2, 5, 6)] == [1, 1, 3, 3]
+
+
+def test_reset_optimizer_per_stage_or_per_epoch():
+    from multimodal_coconut.config import Config
+    from multimodal_coconut.train import resets_optimizer
+
+    def resets(**kw):
+        cfg = Config(dataset="builtin", epochs_per_stage=2, num_epochs=6, **kw)
+        return [e for e in range(6) if resets_optimizer(cfg, e)]
+
+    assert resets(reset_optimizer=False) == []
+    assert resets(reset_optimizer=True) == [2, 4]  # the default: each new stage
+    assert resets(reset_optimizer=True, reset_optimizer_every="epoch") == [1, 2, 3, 4, 5]  # the original Coconut's
