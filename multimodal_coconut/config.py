@@ -130,6 +130,8 @@ class Config:
     """Validation samples generated for dataset builtin."""
     builtin_seed: int = 0
     """Seed of the built-in set's generator (same seed, same files)."""
+    builtin_regenerate: bool = False
+    """Replace a built-in set generated with other settings (seed, sizes, version) where this run's data goes; else that is an error."""
 
     # --- images ---
     image_size: int = 448

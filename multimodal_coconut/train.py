@@ -61,11 +61,15 @@ def prepare_builtin(cfg: Config, env) -> None:
     """Generate the built-in set where the config expects it, if missing (rank 0; the others wait)."""
     if cfg.dataset != "builtin":
         return
-    if env.master:
-        from .builtin_data import generate_builtin
+    from .builtin_data import builtin_mismatch, generate_builtin
 
-        out = Path(cfg.image_root or Path(cfg.val_path or cfg.train_path).parent)
-        generate_builtin(out, {"train": cfg.builtin_train_size, "val": cfg.builtin_val_size}, seed=cfg.builtin_seed)
+    out = Path(cfg.image_root or Path(cfg.val_path or cfg.train_path).parent)
+    splits = {"train": cfg.builtin_train_size, "val": cfg.builtin_val_size}
+    if not cfg.builtin_regenerate and builtin_mismatch(out, splits, cfg.builtin_seed):
+        # Every rank sees the same files and raises the same error here, so none is left waiting in the barrier.
+        generate_builtin(out, splits, seed=cfg.builtin_seed)
+    if env.master:
+        generate_builtin(out, splits, seed=cfg.builtin_seed, regenerate=cfg.builtin_regenerate)
     distributed.barrier()
 
 

@@ -264,3 +264,20 @@ def test_reset_optimizer_per_stage_or_per_epoch():
     assert resets(reset_optimizer=False) == []
     assert resets(reset_optimizer=True) == [2, 4]  # the default: each new stage
     assert resets(reset_optimizer=True, reset_optimizer_every="epoch") == [1, 2, 3, 4, 5]  # the original Coconut's
+
+
+def test_builtin_data_of_other_settings_is_refused_unless_regenerate(tmp_path):
+    from multimodal_coconut.config import Config
+    from multimodal_coconut.distributed import DistEnv
+    from multimodal_coconut.train import prepare_builtin
+
+    def cfg(**kw):
+        return Config(dataset="builtin", image_root=str(tmp_path), builtin_train_size=8, builtin_val_size=4, **kw)
+
+    prepare_builtin(cfg(), DistEnv())
+    before = (tmp_path / "aokvqa_v1p0_train.json").read_bytes()
+    with pytest.raises(FileExistsError, match=rf"{tmp_path} .*seed 0 -> 3"):
+        prepare_builtin(cfg(builtin_seed=3), DistEnv())
+    assert (tmp_path / "aokvqa_v1p0_train.json").read_bytes() == before
+    prepare_builtin(cfg(builtin_seed=3, builtin_regenerate=True), DistEnv())
+    assert (tmp_path / "aokvqa_v1p0_train.json").read_bytes() != before
