@@ -25,7 +25,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from . import distributed
 from .backbone import load_backbone
-from .config import Config, save_config
+from .config import Config, check_resume_config, save_config
 from .curriculum import CoconutDataset, Collator, LengthGroupedBatchSampler, Mode, stage_for_epoch
 from .data import SkipReport, load_samples
 from .evaluate import extract_answer, gather_generations, make_predictions, score, write_predictions
@@ -156,6 +156,8 @@ def make_optimizer(model, cfg: Config):
 def fit(cfg: Config, env) -> list[dict]:
     """Train (unless only_eval) and evaluate; returns the metrics of every evaluation."""
     run_dir = Path(cfg.save_path) / cfg.name
+    if not cfg.only_eval and ckpt.find_latest_checkpoint(run_dir, log=None) is not None:
+        check_resume_config(cfg, run_dir / "config.yaml")  # before this run's config replaces the saved one
     if env.master:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")

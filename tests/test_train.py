@@ -96,6 +96,26 @@ def test_resume_continues_stage_optimizer_and_metrics(reference_run, data_dir, t
     assert without_timing(resumed) == without_timing(read_metrics(reference_run))
 
 
+def test_resume_with_a_changed_config_is_refused_unless_safe_or_allowed(reference_run, data_dir, tmp_path, capsys):
+    """c_thought changed: exit 2 naming it, nothing written; num_epochs changed: resumes; allow_config_change: resumes."""
+    import shutil
+
+    shutil.copytree(reference_run, tmp_path / "run")
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
+    assert main([DEMO, *overrides(data_dir, tmp_path, c_thought=2, lr=2e-3)]) == 2
+    err = capsys.readouterr().err
+    assert "c_thought: 1 -> 2" in err and "lr: 0.001 -> 0.002" in err and "allow_config_change: true" in err
+    assert str(tmp_path / "run") in err and "num_epochs" not in err
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")} == before
+
+    assert main([DEMO, *overrides(data_dir, tmp_path, num_epochs=4, num_workers=1, log_every=3)]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert [m["epoch"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3, 4]
+
+    assert main([DEMO, *overrides(data_dir, tmp_path, num_epochs=4, c_thought=2, allow_config_change=True)]) == 0
+    assert "resuming from" in capsys.readouterr().out  # 4 epochs are done: nothing left to train
+
+
 @pytest.mark.parametrize("fault", ["train_step:9", "checkpoint_write:2"])
 def test_sigkill_then_rerun_ends_like_an_uninterrupted_run(fault, reference_run, data_dir, tmp_path):
     """SIGKILL inside epoch 2 (at optimizer step 9) or while checkpoint_2 is being written; the same command again
