@@ -172,8 +172,8 @@ class Config:
     # --- evaluation ---
     eval_batch_size: int | None = None
     """Samples per generation batch (null = batch_size_training)."""
-    max_new_tokens: int = 64
-    """Most tokens generated per answer."""
+    max_new_tokens: int | None = None
+    """Most tokens generated per answer (null = the longest training target at the current stage, plus 16)."""
     eval_every_epoch: bool = True
     """Evaluate (validation loss, generation accuracy) after every epoch, else only after the last one."""
     num_examples_to_print: int = 3

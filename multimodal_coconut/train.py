@@ -10,6 +10,7 @@ checkpoint -> a line of metrics.jsonl. Everything a run writes goes to save_path
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -25,8 +26,9 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from . import distributed
 from .backbone import load_backbone
-from .config import Config, check_resume_config, save_config
-from .curriculum import CoconutDataset, Collator, LengthGroupedBatchSampler, Mode, stage_for_epoch
+from .config import Config, ConfigError, check_resume_config, save_config
+from .curriculum import (CoconutDataset, Collator, LengthGroupedBatchSampler, Mode, default_max_new_tokens,
+                         stage_for_epoch)
 from .data import SkipReport, load_samples
 from .evaluate import extract_answer, gather_generations, make_predictions, score, write_predictions
 from .model import MultimodalCoconut
@@ -169,8 +171,10 @@ def fit(cfg: Config, env) -> list[dict]:
                 answer_from=cfg.answer_from, skip_bad_records=cfg.skip_bad_records, report=report)
     debug_cap = 64 if cfg.debug else None
     train_samples = [] if cfg.only_eval else load_samples(path=cfg.train_path, max_samples=debug_cap, **read)
+    skipped_before = report.total
     val_samples = load_samples(path=cfg.val_path, max_samples=cfg.max_val_samples or debug_cap, **read) \
         if cfg.val_path else []
+    val_unread = report.total - skipped_before  # bad records of the val file: they count as wrong answers
     test_samples = load_samples(path=cfg.test_path, **read) if cfg.test_path else []
     log(env, f"data: {len(train_samples)} train, {len(val_samples)} val, {len(test_samples)} test samples")
 
@@ -232,11 +236,12 @@ def fit(cfg: Config, env) -> list[dict]:
                    "train_loss": train_loss, "tokens_per_s": tokens_per_s}
         last = epoch == cfg.num_epochs - 1 or cfg.only_eval
         if val_gen_set is not None and (cfg.eval_every_epoch or last):
-            metrics.update(evaluate(wrapped, model, backbone, cfg, env, epoch, stage, val_samples,
+            metrics.update(evaluate(wrapped, model, backbone, generation_config(cfg, train_set or val_gen_set, stage),
+                                    env, epoch, stage, val_samples,
                                     val_gen_set.with_stage(stage, seed=cfg.seed, epoch=epoch),
                                     val_loss_set.with_stage(stage, seed=cfg.seed, epoch=epoch)
                                     if val_loss_set else None,
-                                    collator, run_dir, split="val"))
+                                    collator, run_dir, split="val", unread=val_unread))
         metrics["wall_time_s"] = round(time.time() - t0, 2)
         state["metrics"].append(metrics)
         state["epoch"] = epoch + 1
@@ -262,8 +267,8 @@ def fit(cfg: Config, env) -> list[dict]:
     if test_samples:
         stage = stage_for_epoch(max(state["epoch"] - 1, 0), mode, cfg.epochs_per_stage)
         test_set = CoconutDataset(test_samples, stage=stage, train=False, epoch=0, **build)
-        evaluate(wrapped, model, backbone, cfg, env, state["epoch"] - 1, stage, test_samples, test_set, None,
-                 collator, run_dir, split="test")
+        evaluate(wrapped, model, backbone, generation_config(cfg, train_set or val_gen_set or test_set, stage), env,
+                 state["epoch"] - 1, stage, test_samples, test_set, None, collator, run_dir, split="test")
     if cfg.export_hf and not cfg.only_eval:
         # save_only_improve writes only improving checkpoints, so the newest one is the best.
         saved = ckpt.list_checkpoints(run_dir, log=None) if cfg.save_only_improve else []
@@ -391,8 +396,12 @@ def _log_step(cfg: Config, step: int, values: dict) -> None:
 
 @torch.no_grad()
 def evaluate(wrapped, model, backbone, cfg: Config, env, epoch: int, stage: int, samples, gen_set, loss_set,
-             collator, run_dir: Path, split: str) -> dict:
-    """Validation loss, then batched generation -> predictions file -> official A-OKVQA metrics (over all ranks)."""
+             collator, run_dir: Path, split: str, unread: int = 0) -> dict:
+    """Validation loss, then batched generation -> predictions file -> official A-OKVQA metrics (over all ranks).
+
+    The accuracies are over the whole split, as the official scorer counts them: a question skipped as a bad record
+    (`unread` of them were not even read from the file; the others have no generation) scores 0.
+    """
     wrapped.eval()
     fsdp = env.distributed and cfg.distributed == "fsdp"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and env.device.type == "cuda" and not fsdp \
@@ -438,16 +447,49 @@ def evaluate(wrapped, model, backbone, cfg: Config, env, epoch: int, stage: int,
     if not env.master:
         return results
 
+    results["max_new_tokens"] = cfg.max_new_tokens
+    # An output without `###` was cut off (or never learnt the format): its answer is a guess from its last line.
+    results["n_no_answer_marker"] = sum("###" not in text for text in generated.values())
     answers = {qid: extract_answer(text) for qid, text in generated.items()}
     predictions = make_predictions(samples, answers)
     path = write_predictions(run_dir / f"predictions_{split}_epoch{epoch + 1}.json", predictions)
-    for sample in samples[: cfg.num_examples_to_print]:
+    for sample in [s for s in samples if s.question_id in generated][: cfg.num_examples_to_print]:
         print(f"  [{sample.question_id}] {sample.question!r}\n    generated: {generated[sample.question_id]!r}\n"
               f"    prediction: {predictions[sample.question_id]['multiple_choice']!r}   answer: {sample.answer!r}")
     if samples and samples[0].correct_choice_idx is not None:
-        results.update(score([_record(s) for s in samples], predictions))
+        results.update(_whole_split(score([_record(s) for s in samples], predictions), unread))
+    skipped = unread + len(samples) - len(generated)
+    if skipped:
+        results["n_skipped"] = skipped
+        print(f"{split}: {skipped} of {unread + len(samples)} questions were skipped as bad records; they count as "
+              "wrong in the accuracies", flush=True)
     print(f"wrote {path}", flush=True)
     return results
+
+
+def generation_config(cfg: Config, sizing_set, stage: int) -> Config:
+    """`cfg` with max_new_tokens set: the config's own, else sized from `sizing_set` (the training split when there
+    is one) at `stage` (curriculum.default_max_new_tokens)."""
+    if cfg.max_new_tokens is not None:
+        return cfg
+    n = default_max_new_tokens(sizing_set, stage)
+    if n is None:
+        raise ConfigError("key 'max_new_tokens' is null, which sizes generation from the longest annotated target, "
+                          "but no sample to train or evaluate on has an answer; set max_new_tokens", ["max_new_tokens"])
+    return dataclasses.replace(cfg, max_new_tokens=n)
+
+
+def _whole_split(scores: dict, unread: int) -> dict:
+    """Scores over the read questions -> over the whole split, where the `unread` ones (bad records) score 0."""
+    if not unread:
+        return scores
+    out = dict(scores)
+    for acc, n in (("mc_accuracy", "n_mc"), ("da_accuracy", "n_da")):
+        if out.get(n) is not None:
+            if out.get(acc) is not None:
+                out[acc] = out[acc] * out[n] / (out[n] + unread)
+            out[n] += unread
+    return out
 
 
 def _record(sample) -> dict:

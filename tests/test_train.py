@@ -301,3 +301,50 @@ def test_builtin_data_of_other_settings_is_refused_unless_regenerate(tmp_path):
     assert (tmp_path / "aokvqa_v1p0_train.json").read_bytes() == before
     prepare_builtin(cfg(builtin_seed=3, builtin_regenerate=True), DistEnv())
     assert (tmp_path / "aokvqa_v1p0_train.json").read_bytes() != before
+
+
+# -- evaluation -------------------------------------------------------------------------------------------------
+
+
+def test_bad_val_records_count_as_wrong_and_outputs_without_marker_are_counted(data_dir, tmp_path, capsys):
+    """skip_bad_records with a val image missing and a malformed val record: no crash printing examples, accuracy
+    over all 16 questions (a skipped one scores 0, as the official scorer), the skips reported; outputs cut off by
+    max_new_tokens before `###` counted in metrics.jsonl."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    records = json.loads((data / "aokvqa_v1p0_val.json").read_text())
+    missing_image = records[0]["question_id"]
+    (data / "val2017" / f"{records[0]['image_id']:012d}.jpg").unlink()
+    del records[1]["question_id"]  # malformed: not even read
+    (data / "aokvqa_v1p0_val.json").write_text(json.dumps(records))
+
+    args = overrides(data, tmp_path, num_epochs=1, skip_bad_records=True, max_new_tokens=2, num_examples_to_print=3)
+    assert main([DEMO, *args]) == 0
+    out = capsys.readouterr().out
+    assert "2 of 16 questions were skipped as bad records" in out and "skipped records: 2" in out
+    [m] = read_metrics(tmp_path / "run")
+    predictions = json.loads((tmp_path / "run" / "predictions_val_epoch1.json").read_text())
+    assert len(predictions) == 14 and missing_image not in predictions
+    correct = sum(predictions[r["question_id"]]["multiple_choice"] == r["choices"][r["correct_choice_idx"]]
+                  for r in records[2:])
+    assert (m["n_skipped"], m["n_mc"]) == (2, 16)
+    assert m["mc_accuracy"] == pytest.approx(100 * correct / 16)
+    assert m["max_new_tokens"] == 2 and m["n_no_answer_marker"] == 14  # 2 tokens never reach `### answer`
+
+
+def test_max_new_tokens_from_the_data_unless_set(tiny, data_dir):
+    from multimodal_coconut.config import Config
+    from multimodal_coconut.curriculum import CoconutDataset, Mode, default_max_new_tokens
+    from multimodal_coconut.data import load_samples
+    from multimodal_coconut.train import generation_config
+
+    cfg = Config(dataset="builtin", coconut=True, max_latent_stage=2)
+    assert cfg.max_new_tokens is None
+    samples = load_samples("builtin", data_dir / "aokvqa_v1p0_train.json", image_root=data_dir)
+    ds = CoconutDataset(samples, tiny, Mode.from_config(cfg), 0, train=True, max_length=4096, seed=0, epoch=0)
+    assert generation_config(cfg, ds, 0).max_new_tokens == default_max_new_tokens(ds, 0) > 24
+    assert generation_config(cfg, ds, 2).max_new_tokens == default_max_new_tokens(ds, 2) < default_max_new_tokens(ds, 0)
+    cfg.max_new_tokens = 7
+    assert generation_config(cfg, ds, 0).max_new_tokens == 7
