@@ -271,8 +271,15 @@ def _ensure_post_init(model_class) -> None:
     model_class._coconut_post_init = True
 
 
-def _load_original_internvl(path: str, dtype: torch.dtype):
-    """InternVLChatModel with the checkpoint's own code, through `AutoModel.from_pretrained(trust_remote_code=True)`."""
+def _load_original_internvl(path: str, dtype: torch.dtype, attn_implementation: str | None):
+    """InternVLChatModel with the checkpoint's own code, through `AutoModel.from_pretrained(trust_remote_code=True)`.
+
+    Its `__init__` picks the language model's attention itself, from its `use_flash_attn` argument: flash-attn when
+    asked and installed, else eager, whatever `attn_implementation` from_pretrained was given; eager keeps O(T^2)
+    attention probabilities (13 tiles x 256 tokens x batch 8 do not fit a GPU). So flash is asked for through
+    `use_flash_attn`, and the language model is then switched to `attn_implementation` (sdpa by default) the way
+    transformers switches it at run time. The vision encoder (InternViT) has flash or naive attention only.
+    """
     from transformers import AutoConfig, AutoModel
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
@@ -281,7 +288,11 @@ def _load_original_internvl(path: str, dtype: torch.dtype):
     if reference is None:
         raise ValueError(f"{path}: config.json has no auto_map entry for AutoModel, so its model code cannot be found")
     _ensure_post_init(get_class_from_dynamic_module(reference, path))  # the class AutoModel resolves (cached module)
-    return AutoModel.from_pretrained(path, config=config, trust_remote_code=True, dtype=dtype)
+    model = AutoModel.from_pretrained(path, config=config, trust_remote_code=True, dtype=dtype,
+                                      use_flash_attn=attn_implementation == "flash_attention_2")
+    if attn_implementation:
+        model.language_model.set_attn_implementation(attn_implementation)  # an error if flash-attn is missing
+    return model
 
 
 def load_backbone(
@@ -330,7 +341,7 @@ def load_backbone(
             )
         tile = _tile_size(config)
         _check_image_size(image_size, tile)
-        model = _load_original_internvl(path, dtype)
+        model = _load_original_internvl(path, dtype, attn_implementation)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
         image_processor = _image_processor(tile)  # the original's own preprocessing: ImageNet mean/std, square tiles
         kind = "original_internvl"

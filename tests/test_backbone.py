@@ -169,6 +169,18 @@ def test_original_format_latent_passes_equal_naive_recompute(standin):
         assert ours[name].abs().sum() > 0, name  # gradients reach the vision encoder and the projector
 
 
+@pytest.mark.parametrize("attn", [None, "eager"])
+def test_original_format_uses_the_configured_attention(standin_dir, attn):
+    """The remote code's __init__ sets eager attention without flash-attn (what from_pretrained was asked is ignored);
+    the loader passes the setting through: sdpa by default."""
+    kwargs = {} if attn is None else {"attn_implementation": attn}
+    model = load_backbone(str(standin_dir), trust_remote_code=True, **kwargs).model
+    expected = attn or "sdpa"
+    assert model.language_model.config._attn_implementation == expected
+    assert model.config.llm_config._attn_implementation == expected
+    assert model.language_model.model.layers[0].self_attn.config._attn_implementation == expected
+
+
 def test_original_format_refused_without_trust_remote_code(standin_dir, monkeypatch):
     import transformers
 
