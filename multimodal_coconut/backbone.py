@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+import torch.distributed
 from torch import nn
 
 START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"
@@ -33,6 +34,7 @@ START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|late
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TINY_VERSION = 2  # bump when the tiny architecture changes, so cached copies are rebuilt
+TINY_COMPLETE = "COMPLETE"  # written last into a tiny-model cache entry; an entry without it is incomplete
 
 
 @dataclass
@@ -160,6 +162,12 @@ def build_tiny(out_dir: str | os.PathLike, texts: Iterable[str] = (), seed: int 
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     _image_processor(64).save_pretrained(tmp)
+    missing = [name for name in ("config.json", "model.safetensors") if not (tmp / name).is_file()]
+    if missing:  # save_pretrained writes only on rank 0 of a torch.distributed process group
+        shutil.rmtree(tmp)
+        raise RuntimeError(f"building the tiny model in {out_dir}: save_pretrained wrote no {', '.join(missing)} "
+                           "(under torch.distributed only rank 0 writes; build it there)")
+    (tmp / TINY_COMPLETE).write_text("")  # last: a directory without it is an interrupted build
     try:
         tmp.rename(out_dir)
     except OSError:  # another process built it first: theirs is identical (same seed and texts)
@@ -168,14 +176,40 @@ def build_tiny(out_dir: str | os.PathLike, texts: Iterable[str] = (), seed: int 
 
 
 def tiny_dir(texts: Iterable[str] = (), seed: int = 0, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Build (once) and return the cached tiny checkpoint for these texts and seed."""
+    """Build (once) and return the cached tiny checkpoint for these texts and seed.
+
+    Under a torch.distributed process group every rank must call it: rank 0 builds (transformers saves only there),
+    the others wait in a barrier. Concurrent processes without a group (several runs on one machine) take turns
+    through a file lock. An entry without TINY_COMPLETE (an interrupted or an older build) is rebuilt.
+    """
     texts = list(texts)
     digest = hashlib.sha256(json.dumps([TINY_VERSION, seed, texts]).encode()).hexdigest()[:12]
     cache_dir = Path(cache_dir or os.environ.get("MMC_CACHE", Path.home() / ".cache" / "multimodal_coconut"))
     path = cache_dir / f"tiny-{digest}"
-    if not (path / "config.json").exists():
-        build_tiny(path, texts, seed)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_rank() == 0:
+            _build_tiny_once(path, texts, seed)
+        torch.distributed.barrier()  # on every rank, whatever the cache holds, so that the ranks stay in step
+        if not (path / TINY_COMPLETE).is_file():
+            raise RuntimeError(f"rank 0 built the tiny model in {path} but rank {torch.distributed.get_rank()} does "
+                               "not see it: the model cache (MMC_CACHE) must be on a file system all ranks share")
+    elif not (path / TINY_COMPLETE).is_file():
+        _build_tiny_once(path, texts, seed)
     return path
+
+
+def _build_tiny_once(path: Path, texts: list[str], seed: int) -> None:
+    """build_tiny(path) under an exclusive lock on `path`.lock, unless a complete build is there."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f"{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if (path / TINY_COMPLETE).is_file():
+            return
+        if path.exists():  # incomplete: treated as absent
+            shutil.rmtree(path)
+        build_tiny(path, texts, seed)
 
 
 def internvl3_1b_shape(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):

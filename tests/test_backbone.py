@@ -292,6 +292,19 @@ def test_tiny_is_deterministic_by_seed_and_round_trips(tmp_path):
     assert sd.keys() == sa.keys() and all(torch.equal(sd[k], sa[k]) for k in sa)
 
 
+def test_an_incomplete_tiny_cache_entry_is_rebuilt(tmp_path, monkeypatch):
+    """A cache entry without its COMPLETE marker (an interrupted build, or one where a non-zero rank of a process
+    group renamed its half into place: tokenizer files, no weights) is treated as absent, never "not a checkpoint"."""
+    from multimodal_coconut.backbone import tiny_dir
+
+    monkeypatch.setenv("MMC_CACHE", str(tmp_path))
+    path = tiny_dir()
+    for name in ("config.json", "model.safetensors", "COMPLETE"):
+        (path / name).unlink()
+    assert tiny_dir() == path and (path / "COMPLETE").is_file()
+    assert load_backbone("tiny").tokens_per_tile == 16
+
+
 def test_internvl3_1b_shape_has_internvl3_1b_parameter_count():
     bb = load_backbone("internvl3-1b-shape", device="meta")
     model = bb.model

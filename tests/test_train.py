@@ -148,6 +148,21 @@ def test_two_processes_equal_one(strategy, data_dir, tmp_path):
     assert (tmp_path / "two" / "run" / "checkpoint_2" / "rng_rank1.pt").exists()
 
 
+def test_first_torchrun_on_an_empty_model_cache_then_one_process(data_dir, tmp_path, monkeypatch):
+    """An empty MMC_CACHE: torchrun with 2 processes builds the tiny model once (rank 0; transformers saves only
+    there), then a single-process run uses the same cache entry."""
+    cache = tmp_path / "cache"
+    args = overrides(data_dir, tmp_path / "two", num_epochs=1, max_val_samples=4, distributed="ddp")
+    run_cli(args, {"MMC_CACHE": str(cache)}, launcher=[sys.executable, "-m", "torch.distributed.run",
+                                                       "--nproc_per_node", "2",
+                                                       "--master_port", str(29500 + (os.getpid() + 7) % 1000)])
+    [entry] = [p for p in cache.iterdir() if p.is_dir()]
+    assert {"COMPLETE", "config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in entry.iterdir()}
+    monkeypatch.setenv("MMC_CACHE", str(cache))
+    assert main([DEMO, *overrides(data_dir, tmp_path / "one", num_epochs=1, max_val_samples=4)]) == 0
+    assert [p for p in cache.iterdir() if p.is_dir()] == [entry]
+
+
 @pytest.mark.parametrize("args, message", [
     (["c_thougt=2"], "unknown key 'c_thougt' (did you mean 'c_thought'?)"),
     (["batch_size_training=eight"], "batch_size_training"),
