@@ -480,7 +480,8 @@ def generation_config(cfg: Config, sizing_set, stage: int) -> Config:
 
 
 def _whole_split(scores: dict, unread: int) -> dict:
-    """Scores over the read questions -> over the whole split, where the `unread` ones (bad records) score 0."""
+    """Scores over the read questions -> over the whole split, where the `unread` ones (bad records) score 0 (their
+    difficult_direct_answer unknown, they count in the direct-answer figure too)."""
     if not unread:
         return scores
     out = dict(scores)
