@@ -195,8 +195,9 @@ def generate_builtin(out_dir, splits=None, seed=0, image_px=64, regenerate=False
         if old != meta and not regenerate:
             changed = builtin_mismatch(out_dir, splits, seed, image_px)
             raise FileExistsError(
-                f"{out_dir} holds a built-in set generated with other settings ({changed}); not overwriting it. Point the data paths (train_path, val_path, image_root) to "
-                "another directory, or set builtin_regenerate: true (--regenerate) to replace it.")
+                f"{out_dir} holds a built-in set generated with other settings ({changed}); not overwriting it. "
+                "Point the data paths (train_path, val_path, image_root) to another directory, or set "
+                "builtin_regenerate: true (--regenerate) to replace it.")
         # Remove what the previous generation wrote, so no stale image or json outlives it.
         meta_path.unlink()
         for s in old["splits"]:

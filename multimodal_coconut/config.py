@@ -131,7 +131,7 @@ class Config:
     builtin_seed: int = 0
     """Seed of the built-in set's generator (same seed, same files)."""
     builtin_regenerate: bool = False
-    """Replace a built-in set generated with other settings (seed, sizes, version) where this run's data goes; else that is an error."""
+    """Replace a built-in set of other settings (seed, sizes, version) where this run's data goes (else an error)."""
 
     # --- images ---
     image_size: int = 448
@@ -457,8 +457,8 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
 
 # Keys a resumed run may change: where the run lives, how long it trains, evaluation, logging and loading settings.
 RESUME_SAFE_KEYS = frozenset({
-    "name", "save_path", "resume", "load_model_path", "num_epochs", "only_eval", "num_workers", "gradient_checkpointing",
-    "save_only_improve", "eval_batch_size", "max_new_tokens", "eval_every_epoch", "num_examples_to_print",
+    "name", "save_path", "resume", "load_model_path", "num_epochs", "only_eval", "num_workers",
+    "gradient_checkpointing", "save_only_improve", "eval_batch_size", "max_new_tokens", "eval_every_epoch", "num_examples_to_print",
     "max_val_samples", "test_path", "tensorboard", "wandb", "project", "log_every", "export_hf", "allow_config_change",
     "builtin_regenerate",
 })

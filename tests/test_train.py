@@ -97,7 +97,8 @@ def test_resume_continues_stage_optimizer_and_metrics(reference_run, data_dir, t
 
 
 def test_resume_with_a_changed_config_is_refused_unless_safe_or_allowed(reference_run, data_dir, tmp_path, capsys):
-    """c_thought changed: exit 2 naming it, nothing written; num_epochs changed: resumes; allow_config_change: resumes."""
+    """c_thought changed: exit 2 naming it, nothing written; num_epochs changed: resumes; so does
+    allow_config_change."""
     import shutil
 
     shutil.copytree(reference_run, tmp_path / "run")
@@ -181,9 +182,9 @@ def test_bad_configs_fail_fast_naming_the_key(args, message):
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(data_dir, tmp_path):
     assert main([DEMO, *overrides(data_dir, tmp_path, num_epochs=1)]) == 0
     good = (tmp_path / "run" / "checkpoint_1" / "model.safetensors").read_bytes()
-    # An absurd learning rate blows the weights up during epoch 2.
+    # An absurd learning rate blows the weights up during epoch 2 (a changed lr on resume must be allowed).
     with pytest.raises(FloatingPointError, match=r"at epoch 2, step \d+ .*global step \d+"):
-        main([DEMO, *overrides(data_dir, tmp_path, num_epochs=2, lr=1e30)])
+        main([DEMO, *overrides(data_dir, tmp_path, num_epochs=2, lr=1e30, allow_config_change=True)])
     assert (tmp_path / "run" / "checkpoint_1" / "model.safetensors").read_bytes() == good
     assert not (tmp_path / "run" / "checkpoint_2").exists()
 
