@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+import torch.distributed
 from torch import nn
 
 START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"
@@ -34,6 +35,7 @@ START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|late
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TINY_VERSION = 2  # bump when the tiny architecture changes, so cached copies are rebuilt
+TINY_COMPLETE = "COMPLETE"  # written last into a tiny-model cache entry; an entry without it is incomplete
 
 
 @dataclass
@@ -156,11 +158,23 @@ def build_tiny(out_dir: str | os.PathLike, texts: Iterable[str] = (), seed: int 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = InternVLForConditionalGeneration(config)
+    return _save_preset(out_dir, model, tokenizer, _image_processor(64))
+
+
+def _save_preset(out_dir: Path, model, tokenizer, image_processor=None) -> Path:
+    """Write a preset's HF directory under a temporary name, TINY_COMPLETE last, then rename it into place."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp", dir=out_dir.parent))
     model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    _image_processor(64).save_pretrained(tmp)
+    for part in (tokenizer, image_processor):
+        if part is not None:
+            part.save_pretrained(tmp)
+    missing = [name for name in ("config.json", "model.safetensors") if not (tmp / name).is_file()]
+    if missing:  # save_pretrained writes only on rank 0 of a torch.distributed process group
+        shutil.rmtree(tmp)
+        raise RuntimeError(f"building the tiny model in {out_dir}: save_pretrained wrote no {', '.join(missing)} "
+                           "(under torch.distributed only rank 0 writes; build it there)")
+    (tmp / TINY_COMPLETE).write_text("")  # last: a directory without it is an interrupted build
     try:
         tmp.rename(out_dir)
     except OSError:  # another process built it first: theirs is identical (same seed and texts)
@@ -168,14 +182,29 @@ def build_tiny(out_dir: str | os.PathLike, texts: Iterable[str] = (), seed: int 
     return out_dir
 
 
-def tiny_dir(texts: Iterable[str] = (), seed: int = 0, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Build (once) and return the cached tiny checkpoint for these texts and seed."""
+def tiny_dir(texts: Iterable[str] = (), seed: int = 0, cache_dir: str | os.PathLike | None = None,
+             preset: str = "tiny") -> Path:
+    """Build (once) and return the cached checkpoint of the `tiny` (or `tiny-text`) preset for these texts and seed.
+
+    Under a torch.distributed process group every rank must call it: rank 0 builds (transformers saves only there),
+    the others wait in a barrier. Concurrent processes without a group (several runs on one machine) take turns
+    through a file lock. An entry without TINY_COMPLETE (an interrupted or an older build) is rebuilt.
+    """
     texts = list(texts)
-    digest = hashlib.sha256(json.dumps([TINY_VERSION, seed, texts]).encode()).hexdigest()[:12]
+    key = [TINY_VERSION, seed, texts] if preset == "tiny" else [TINY_VERSION, "text", seed, texts]
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
     cache_dir = Path(cache_dir or os.environ.get("MMC_CACHE", Path.home() / ".cache" / "multimodal_coconut"))
-    path = cache_dir / f"tiny-{digest}"
-    if not (path / "config.json").exists():
-        build_tiny(path, texts, seed)
+    path = cache_dir / f"{preset}-{digest}"
+    build = build_tiny if preset == "tiny" else build_tiny_text
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_rank() == 0:
+            _build_tiny_once(path, build, texts, seed)
+        torch.distributed.barrier()  # on every rank, whatever the cache holds, so that the ranks stay in step
+        if not (path / TINY_COMPLETE).is_file():
+            raise RuntimeError(f"rank 0 built the tiny model in {path} but rank {torch.distributed.get_rank()} does "
+                               "not see it: the model cache (MMC_CACHE) must be on a file system all ranks share")
+    elif not (path / TINY_COMPLETE).is_file():
+        _build_tiny_once(path, build, texts, seed)
     return path
 
 
@@ -198,26 +227,21 @@ def build_tiny_text(out_dir: str | os.PathLike, texts: Iterable[str] = (), seed:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(config)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp", dir=out_dir.parent))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(out_dir)
-    except OSError:  # another process built it first: theirs is identical (same seed and texts)
-        shutil.rmtree(tmp)
-    return out_dir
+    return _save_preset(out_dir, model, tokenizer)
 
 
-def tiny_text_dir(texts: Iterable[str] = (), seed: int = 0, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Build (once) and return the cached `tiny-text` checkpoint for these texts and seed."""
-    texts = list(texts)
-    digest = hashlib.sha256(json.dumps([TINY_VERSION, "text", seed, texts]).encode()).hexdigest()[:12]
-    cache_dir = Path(cache_dir or os.environ.get("MMC_CACHE", Path.home() / ".cache" / "multimodal_coconut"))
-    path = cache_dir / f"tiny-text-{digest}"
-    if not (path / "config.json").exists():
-        build_tiny_text(path, texts, seed)
-    return path
+def _build_tiny_once(path: Path, build, texts: list[str], seed: int) -> None:
+    """build(path, texts, seed) under an exclusive lock on `path`.lock, unless a complete build is there."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f"{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if (path / TINY_COMPLETE).is_file():
+            return
+        if path.exists():  # incomplete: treated as absent
+            shutil.rmtree(path)
+        build(path, texts, seed)
 
 
 def internvl3_1b_shape(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
@@ -313,8 +337,15 @@ def _ensure_post_init(model_class) -> None:
     model_class._coconut_post_init = True
 
 
-def _load_original_internvl(path: str, dtype: torch.dtype):
-    """InternVLChatModel with the checkpoint's own code, through `AutoModel.from_pretrained(trust_remote_code=True)`."""
+def _load_original_internvl(path: str, dtype: torch.dtype, attn_implementation: str | None):
+    """InternVLChatModel with the checkpoint's own code, through `AutoModel.from_pretrained(trust_remote_code=True)`.
+
+    Its `__init__` picks the language model's attention itself, from its `use_flash_attn` argument: flash-attn when
+    asked and installed, else eager, whatever `attn_implementation` from_pretrained was given; eager keeps O(T^2)
+    attention probabilities (13 tiles x 256 tokens x batch 8 do not fit a GPU). So flash is asked for through
+    `use_flash_attn`, and the language model is then switched to `attn_implementation` (sdpa by default) the way
+    transformers switches it at run time. The vision encoder (InternViT) has flash or naive attention only.
+    """
     from transformers import AutoConfig, AutoModel
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
@@ -323,7 +354,11 @@ def _load_original_internvl(path: str, dtype: torch.dtype):
     if reference is None:
         raise ValueError(f"{path}: config.json has no auto_map entry for AutoModel, so its model code cannot be found")
     _ensure_post_init(get_class_from_dynamic_module(reference, path))  # the class AutoModel resolves (cached module)
-    return AutoModel.from_pretrained(path, config=config, trust_remote_code=True, dtype=dtype)
+    model = AutoModel.from_pretrained(path, config=config, trust_remote_code=True, dtype=dtype,
+                                      use_flash_attn=attn_implementation == "flash_attention_2")
+    if attn_implementation:
+        model.language_model.set_attn_implementation(attn_implementation)  # an error if flash-attn is missing
+    return model
 
 
 def load_backbone(
@@ -356,9 +391,8 @@ def load_backbone(
         model, tokenizer, image_processor = internvl3_1b_shape(dtype, device or "cpu")
         return _finish(model, tokenizer, image_processor, "hf_internvl", min_num_patches, max_num_patches,
                        use_thumbnail)
-    path = str(tiny_dir(tiny_texts, seed)) if model_id == "tiny" else model_id
-    if model_id == "tiny-text":
-        path = str(tiny_text_dir(tiny_texts, seed))
+    presets = ("tiny", "tiny-text")
+    path = str(tiny_dir(tiny_texts, seed, preset=model_id)) if model_id in presets else model_id
 
     # Decide from config.json itself: transformers' own config classes would already refuse remote code, less clearly.
     config = _config_json(path)
@@ -374,7 +408,7 @@ def load_backbone(
             )
         tile = _tile_size(config)
         _check_image_size(image_size, tile)
-        model = _load_original_internvl(path, dtype)
+        model = _load_original_internvl(path, dtype, attn_implementation)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
         image_processor = _image_processor(tile)  # the original's own preprocessing: ImageNet mean/std, square tiles
         kind = "original_internvl"

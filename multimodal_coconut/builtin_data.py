@@ -144,13 +144,33 @@ def _atomic_write_json(obj, path):
     os.replace(tmp, path)
 
 
-def generate_builtin(out_dir, splits=None, seed=0, image_px=64):
+def builtin_mismatch(out_dir, splits=None, seed=0, image_px=64) -> str | None:
+    """How the built-in set already in `out_dir` differs from the one these arguments generate ("seed 0 -> 1, ..."),
+    or None when there is none there or it is the same."""
+    meta_path = Path(out_dir) / _META
+    if not meta_path.exists():
+        return None
+    old = json.loads(meta_path.read_text())
+    new = _meta(splits, seed, image_px)
+    changed = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
+    return ", ".join(changed) or None
+
+
+def _meta(splits, seed, image_px):
+    splits = dict({"train": 2000, "val": 200} if splits is None else splits)
+    # Canonical order, so image ids do not depend on the order the caller listed the splits in.
+    names = sorted(splits, key=lambda s: (_SPLIT_ORDER.index(s) if s in _SPLIT_ORDER else len(_SPLIT_ORDER), s))
+    return {"version": VERSION, "seed": seed, "image_px": image_px, "splits": {s: splits[s] for s in names}}
+
+
+def generate_builtin(out_dir, splits=None, seed=0, image_px=64, regenerate=False):
     """Write the built-in set under `out_dir`; return {split: path of aokvqa_v1p0_{split}.json}.
 
     `splits` maps split name to number of questions (one image each); default {"train": 2000, "val": 200}.
     Does nothing when `builtin_meta.json` records the same version, seed, sizes and image size and every
-    json exists; otherwise regenerates everything it previously generated there. Refuses to write into a
-    directory that holds A-OKVQA json files it did not generate.
+    json exists. A set generated there with other settings is an error naming what differs (its files are never
+    deleted unasked); with `regenerate=True` it is replaced. Refuses to write into a directory that holds A-OKVQA
+    json files it did not generate.
     """
     out_dir = Path(out_dir)
     splits = dict({"train": 2000, "val": 200} if splits is None else splits)
@@ -163,9 +183,8 @@ def generate_builtin(out_dir, splits=None, seed=0, image_px=64):
             raise ValueError(f"split {name!r}: size must be an int >= 1, got {n!r}")
     if not (isinstance(image_px, int) and image_px >= 16 and image_px % 2 == 0):
         raise ValueError(f"image_px must be an even int >= 16, got {image_px!r}")
-    # Canonical order, so image ids do not depend on the order the caller listed the splits in.
-    names = sorted(splits, key=lambda s: (_SPLIT_ORDER.index(s) if s in _SPLIT_ORDER else len(_SPLIT_ORDER), s))
-    meta = {"version": VERSION, "seed": seed, "image_px": image_px, "splits": {s: splits[s] for s in names}}
+    meta = _meta(splits, seed, image_px)
+    names = list(meta["splits"])
     paths = {s: out_dir / f"aokvqa_v1p0_{s}.json" for s in names}
 
     meta_path = out_dir / _META
@@ -173,6 +192,12 @@ def generate_builtin(out_dir, splits=None, seed=0, image_px=64):
         old = json.loads(meta_path.read_text())
         if old == meta and all(p.exists() for p in paths.values()):
             return paths
+        if old != meta and not regenerate:
+            changed = builtin_mismatch(out_dir, splits, seed, image_px)
+            raise FileExistsError(
+                f"{out_dir} holds a built-in set generated with other settings ({changed}); not overwriting it. "
+                "Point the data paths (train_path, val_path, image_root) to another directory, or set "
+                "builtin_regenerate: true (--regenerate) to replace it.")
         # Remove what the previous generation wrote, so no stale image or json outlives it.
         meta_path.unlink()
         for s in old["splits"]:
@@ -204,9 +229,12 @@ def main(argv=None):
     p.add_argument("--test", type=int, default=0, help="number of test questions (no answers); 0 = no test split")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-px", type=int, default=64, help="image side in pixels")
+    p.add_argument("--regenerate", action="store_true",
+                   help="replace a built-in set generated in --out with other settings (else an error)")
     args = p.parse_args(argv)
     splits = {name: n for name, n in (("train", args.train), ("val", args.val), ("test", args.test)) if n > 0}
-    for split, path in generate_builtin(args.out, splits, seed=args.seed, image_px=args.image_px).items():
+    for split, path in generate_builtin(args.out, splits, seed=args.seed, image_px=args.image_px,
+                                        regenerate=args.regenerate).items():
         print(f"{split}: {path}")
 
 

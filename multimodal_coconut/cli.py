@@ -22,5 +22,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .train import run
 
-    run(cfg)
+    try:
+        run(cfg)
+    except ConfigError as e:  # found once the run's files are read, e.g. resuming with a changed config
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0

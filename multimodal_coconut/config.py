@@ -130,6 +130,8 @@ class Config:
     """Validation samples generated for dataset builtin."""
     builtin_seed: int = 0
     """Seed of the built-in set's generator (same seed, same files)."""
+    builtin_regenerate: bool = False
+    """Replace a built-in set of other settings (seed, sizes, version) where this run's data goes (else an error)."""
 
     # --- images ---
     image_size: int = 448
@@ -153,7 +155,9 @@ class Config:
     weight_decay: float = 0.01
     """AdamW weight decay."""
     reset_optimizer: bool = False
-    """Make a fresh optimizer at the start of every curriculum stage (the original did it every epoch)."""
+    """Make a fresh optimizer (new AdamW moments) during training, when reset_optimizer_every says."""
+    reset_optimizer_every: Literal["stage", "epoch"] = "stage"
+    """With reset_optimizer: at the start of every curriculum stage, or of every epoch (the original Coconut's)."""
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     """Learning-rate schedule after warmup; the original used a constant rate."""
     warmup_steps: int = 0
@@ -168,8 +172,8 @@ class Config:
     # --- evaluation ---
     eval_batch_size: int | None = None
     """Samples per generation batch (null = batch_size_training)."""
-    max_new_tokens: int = 64
-    """Most tokens generated per answer."""
+    max_new_tokens: int | None = None
+    """Most tokens generated per answer (null = the longest training target at the current stage, plus 16)."""
     eval_every_epoch: bool = True
     """Evaluate (validation loss, generation accuracy) after every epoch, else only after the last one."""
     num_examples_to_print: int = 3
@@ -184,6 +188,8 @@ class Config:
     """Log the training loss every N optimizer steps."""
     export_hf: bool = False
     """After training, export the final (or best) model with its tokenizer as a Hugging Face folder."""
+    allow_config_change: bool = False
+    """Resume a run's checkpoints even though settings other than those safe to change (RESUME_SAFE_KEYS) differ."""
 
     def __post_init__(self) -> None:
         # Coerce here too, so a Config built in Python (or by dataclasses.replace) is as strict as a file.
@@ -466,6 +472,40 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
         f.write("# Resolved config of this run, written by multimodal_coconut.config.save_config\n")
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
     os.replace(tmp, path)  # never leave a half-written config beside a checkpoint
+
+
+# Keys a resumed run may change: where the run lives, how long it trains, evaluation, logging and loading settings.
+RESUME_SAFE_KEYS = frozenset({
+    "name", "save_path", "resume", "load_model_path", "num_epochs", "only_eval", "num_workers",
+    "gradient_checkpointing", "save_only_improve", "eval_batch_size", "max_new_tokens", "eval_every_epoch", "num_examples_to_print",
+    "max_val_samples", "test_path", "tensorboard", "wandb", "project", "log_every", "export_hf", "allow_config_change",
+    "builtin_regenerate",
+})
+
+
+def check_resume_config(cfg: Config, saved: str | os.PathLike) -> None:
+    """Refuse to resume a run from its checkpoints when `cfg` differs from the config it was started with (`saved`,
+    its config.yaml) in a key outside RESUME_SAFE_KEYS: that would silently continue the old run under other
+    settings. Raises ConfigError listing the changed keys; `allow_config_change: true` lets it through."""
+    saved = os.fspath(saved)
+    if cfg.allow_config_change or not os.path.exists(saved):
+        return
+    hints = _type_hints()
+    old = {f.name: f.default for f in dataclasses.fields(Config)}  # a key the old run did not know had its default
+    for key, value in _read_yaml(saved).items():
+        name = _ALIASES.get(key, key)
+        if name in hints:
+            try:
+                old[name] = _coerce(name, value, hints[name])
+            except ConfigError:
+                old[name] = value
+    changed = [k for k in _FIELD_NAMES if k not in RESUME_SAFE_KEYS and old[k] != getattr(cfg, k)]
+    if changed:
+        diff = ", ".join(f"{k}: {old[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
+        raise ConfigError(
+            f"{os.path.dirname(saved) or '.'} has checkpoints of a run started with another config ({diff}); "
+            "resuming would continue that run under other settings. Restore those values, start a new run (another "
+            "name or save_path), or set allow_config_change: true to resume anyway.", changed)
 
 
 def describe() -> list[dict[str, str]]:

@@ -352,6 +352,19 @@ class CoconutDataset(torch.utils.data.Dataset):
         return {"idx": it.idx, "input_ids": input_ids, "labels": labels, "pixel_values": pixel_values}
 
 
+GENERATION_MARGIN = 16  # tokens allowed past the longest training target, for a slightly longer generated step
+
+
+def default_max_new_tokens(dataset: CoconutDataset, stage: int) -> int | None:
+    """Tokens to generate at `stage` when the config leaves max_new_tokens unset: the longest target of `dataset`'s
+    annotated samples at that stage (remaining steps, `### answer`, EOS: what the model writes after the prompt)
+    plus GENERATION_MARGIN, so a stage-0 chain of thought is not cut before its answer. None when no sample has one.
+    """
+    longest = max((sum(len(step) for step in it.steps[train_plan(stage, len(it.steps), dataset.mode)[0]:])
+                   + len(it.answer) for it in dataset._all if it.answer), default=None)
+    return None if longest is None else longest + GENERATION_MARGIN
+
+
 def _token_id(tokenizer, token: str) -> int:
     token_id = tokenizer.convert_tokens_to_ids(token)
     if token_id is None or token_id == tokenizer.unk_token_id:

@@ -10,6 +10,7 @@ checkpoint -> a line of metrics.jsonl. Everything a run writes goes to save_path
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -25,8 +26,9 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from . import distributed
 from .backbone import load_backbone
-from .config import Config, save_config
-from .curriculum import CoconutDataset, Collator, LengthGroupedBatchSampler, Mode, stage_for_epoch
+from .config import Config, ConfigError, check_resume_config, save_config
+from .curriculum import (CoconutDataset, Collator, LengthGroupedBatchSampler, Mode, default_max_new_tokens,
+                         stage_for_epoch)
 from .data import SkipReport, load_samples
 from .evaluate import gather_generations, score_generations, write_predictions
 from .inference import backbone_from, generate_texts, model_info, to_device
@@ -62,11 +64,15 @@ def prepare_builtin(cfg: Config, env) -> None:
     """Generate the built-in set where the config expects it, if missing (rank 0; the others wait)."""
     if cfg.dataset != "builtin":
         return
-    if env.master:
-        from .builtin_data import generate_builtin
+    from .builtin_data import builtin_mismatch, generate_builtin
 
-        out = Path(cfg.image_root or Path(cfg.val_path or cfg.train_path).parent)
-        generate_builtin(out, {"train": cfg.builtin_train_size, "val": cfg.builtin_val_size}, seed=cfg.builtin_seed)
+    out = Path(cfg.image_root or Path(cfg.val_path or cfg.train_path).parent)
+    splits = {"train": cfg.builtin_train_size, "val": cfg.builtin_val_size}
+    if not cfg.builtin_regenerate and builtin_mismatch(out, splits, cfg.builtin_seed):
+        # Every rank sees the same files and raises the same error here, so none is left waiting in the barrier.
+        generate_builtin(out, splits, seed=cfg.builtin_seed)
+    if env.master:
+        generate_builtin(out, splits, seed=cfg.builtin_seed, regenerate=cfg.builtin_regenerate)
     distributed.barrier()
 
 
@@ -143,6 +149,18 @@ def lr_factor(cfg: Config, step: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def steps_per_epoch(n_micro_batches: int, accumulation: int) -> int:
+    """Optimizer steps of an epoch of `n_micro_batches` per process: one per window, the last one maybe partial."""
+    return math.ceil(n_micro_batches / accumulation)
+
+
+def resets_optimizer(cfg: Config, epoch: int) -> bool:
+    """Whether epoch `epoch` starts with a fresh optimizer: every stage start, or every epoch as the original does."""
+    if not cfg.reset_optimizer or epoch == 0:  # epoch 0 has a fresh one anyway
+        return False
+    return cfg.reset_optimizer_every == "epoch" or epoch % cfg.epochs_per_stage == 0
+
+
 def make_optimizer(model, cfg: Config):
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -156,6 +174,8 @@ def make_optimizer(model, cfg: Config):
 def fit(cfg: Config, env) -> list[dict]:
     """Train (unless only_eval) and evaluate; returns the metrics of every evaluation."""
     run_dir = Path(cfg.save_path) / cfg.name
+    if not cfg.only_eval and ckpt.find_latest_checkpoint(run_dir, log=None) is not None:
+        check_resume_config(cfg, run_dir / "config.yaml")  # before this run's config replaces the saved one
     if env.master:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -167,8 +187,10 @@ def fit(cfg: Config, env) -> list[dict]:
                 answer_from=cfg.answer_from, skip_bad_records=cfg.skip_bad_records, report=report)
     debug_cap = 64 if cfg.debug else None
     train_samples = [] if cfg.only_eval else load_samples(path=cfg.train_path, max_samples=debug_cap, **read)
+    skipped_before = report.total
     val_samples = load_samples(path=cfg.val_path, max_samples=cfg.max_val_samples or debug_cap, **read) \
         if cfg.val_path else []
+    val_unread = report.total - skipped_before  # bad records of the val file: they count as wrong answers
     test_samples = load_samples(path=cfg.test_path, **read) if cfg.test_path else []
     log(env, f"data: {len(train_samples)} train, {len(val_samples)} val, {len(test_samples)} test samples")
 
@@ -219,17 +241,16 @@ def fit(cfg: Config, env) -> list[dict]:
     val_loss_set = CoconutDataset(val_samples, stage=0, train=True, epoch=0, **build) \
         if val_samples and not cfg.only_eval and val_samples[0].answer is not None else None
     val_gen_set = CoconutDataset(val_samples, stage=0, train=False, epoch=0, **build) if val_samples else None
-    steps_per_epoch = math.ceil(len(train_set or []) / (cfg.batch_size_training * env.world_size)) \
-        // cfg.gradient_accumulation_steps if train_set else 0
-    total_steps = steps_per_epoch * cfg.num_epochs
+    micro_batches = math.ceil(len(train_set or []) / (cfg.batch_size_training * env.world_size))  # the sampler's
+    total_steps = steps_per_epoch(micro_batches, cfg.gradient_accumulation_steps) * cfg.num_epochs
 
     for epoch in [cfg.resume] if cfg.only_eval else range(state["epoch"], cfg.num_epochs):
         stage = stage_for_epoch(epoch, mode, cfg.epochs_per_stage)
         t0 = time.time()
         train_loss, tokens_per_s = None, None
         if not cfg.only_eval:
-            if cfg.reset_optimizer and epoch % cfg.epochs_per_stage == 0 and epoch > 0:
-                optimizer = make_optimizer(wrapped, cfg)  # a new stage starts with fresh Adam moments
+            if resets_optimizer(cfg, epoch):
+                optimizer = make_optimizer(wrapped, cfg)
             train_loss, tokens_per_s = train_epoch(
                 wrapped, model, optimizer, train_set.with_stage(stage, seed=cfg.seed, epoch=epoch), collator,
                 cfg, env, epoch, stage, state, total_steps)
@@ -237,11 +258,12 @@ def fit(cfg: Config, env) -> list[dict]:
                    "train_loss": train_loss, "tokens_per_s": tokens_per_s}
         last = epoch == cfg.num_epochs - 1 or cfg.only_eval
         if val_gen_set is not None and (cfg.eval_every_epoch or last):
-            metrics.update(evaluate(wrapped, model, backbone, cfg, env, epoch, stage, val_samples,
+            metrics.update(evaluate(wrapped, model, backbone, generation_config(cfg, train_set or val_gen_set, stage),
+                                    env, epoch, stage, val_samples,
                                     val_gen_set.with_stage(stage, seed=cfg.seed, epoch=epoch),
                                     val_loss_set.with_stage(stage, seed=cfg.seed, epoch=epoch)
                                     if val_loss_set else None,
-                                    collator, run_dir, split="val"))
+                                    collator, run_dir, split="val", unread=val_unread))
         metrics = distributed.broadcast_object(metrics)  # only rank 0 scores; every rank takes the same decisions
         metrics["wall_time_s"] = round(time.time() - t0, 2)
         state["metrics"].append(metrics)
@@ -271,8 +293,8 @@ def fit(cfg: Config, env) -> list[dict]:
     if test_samples:
         stage = stage_for_epoch(max(state["epoch"] - 1, 0), mode, cfg.epochs_per_stage)
         test_set = CoconutDataset(test_samples, stage=stage, train=False, epoch=0, **build)
-        evaluate(wrapped, model, backbone, cfg, env, state["epoch"] - 1, stage, test_samples, test_set, None,
-                 collator, run_dir, split="test")
+        evaluate(wrapped, model, backbone, generation_config(cfg, train_set or val_gen_set or test_set, stage), env,
+                 state["epoch"] - 1, stage, test_samples, test_set, None, collator, run_dir, split="test")
     if cfg.export_hf and not cfg.only_eval:
         # save_only_improve writes only improving checkpoints, so the newest one is the best.
         saved = ckpt.list_checkpoints(run_dir, log=None) if cfg.save_only_improve else []
@@ -312,7 +334,7 @@ def train_epoch(wrapped, model, optimizer, dataset, collator, cfg: Config, env, 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and env.device.type == "cuda" and not fsdp \
         else nullcontext()
     accum = cfg.gradient_accumulation_steps
-    n_windows = len(sampler) // accum  # the few micro-batches past the last full window are dropped
+    n_windows = steps_per_epoch(len(sampler), accum)
     loss_sum = torch.zeros((), dtype=torch.float64)
     token_count = torch.zeros((), dtype=torch.float64)
     seen_tokens, t0 = 0, time.time()
@@ -320,7 +342,10 @@ def train_epoch(wrapped, model, optimizer, dataset, collator, cfg: Config, env, 
                 dynamic_ncols=True)
     batches = iter(loader)
     for window in range(n_windows):
-        micro = [to_device(next(batches), env.device) for _ in range(accum)]
+        # The last window may be partial (as in the original, which steps on it): its loss is the mean over its own
+        # label tokens, like any other window's.
+        size = min(accum, len(sampler) - window * accum)
+        micro = [to_device(next(batches), env.device) for _ in range(size)]
         n_labels = torch.stack([(b["labels"][:, 1:] != -100).sum() for b in micro]).to(torch.float64)
         global_labels = distributed.all_reduce_sum(n_labels.sum())
         window_loss = torch.zeros((), dtype=torch.float64, device=env.device)
@@ -328,7 +353,7 @@ def train_epoch(wrapped, model, optimizer, dataset, collator, cfg: Config, env, 
             min_passes = model.num_passes(batch["input_ids"]) if fsdp else 0
             if fsdp:
                 min_passes = int(distributed.all_reduce_max(min_passes, env.device))
-            sync = nullcontext() if i == accum - 1 or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
+            sync = nullcontext() if i == size - 1 or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
             with sync, autocast:
                 out = wrapped(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["position_ids"],
                               batch["pixel_values"], labelled_logits_only=cfg.loss_logits_only,
@@ -394,8 +419,12 @@ def _log_step(cfg: Config, step: int, values: dict) -> None:
 
 @torch.no_grad()
 def evaluate(wrapped, model, backbone, cfg: Config, env, epoch: int, stage: int, samples, gen_set, loss_set,
-             collator, run_dir: Path, split: str) -> dict:
-    """Validation loss, then batched generation -> predictions file -> the dataset's metrics (over all ranks)."""
+             collator, run_dir: Path, split: str, unread: int = 0) -> dict:
+    """Validation loss, then batched generation -> predictions file -> the dataset's metrics (over all ranks).
+
+    The accuracies are over the whole split, as the official scorer counts them: a question skipped as a bad record
+    (`unread` of them were not even read from the file; the others have no generation) scores 0.
+    """
     wrapped.eval()
     fsdp = env.distributed and cfg.distributed == "fsdp"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and env.device.type == "cuda" and not fsdp \
@@ -435,13 +464,49 @@ def evaluate(wrapped, model, backbone, cfg: Config, env, epoch: int, stage: int,
 
     predictions, scores = score_generations(samples, generated, cfg.dataset)
     path = write_predictions(run_dir / f"predictions_{split}_epoch{epoch + 1}.json", predictions)
-    for sample in samples[: cfg.num_examples_to_print]:
+    for sample in [s for s in samples if s.question_id in generated][: cfg.num_examples_to_print]:
         pred = predictions[sample.question_id]
         print(f"  [{sample.question_id}] {sample.question!r}\n    generated: {generated[sample.question_id]!r}\n"
               f"    prediction: {pred.get('multiple_choice', pred.get('answer'))!r}   answer: {sample.answer!r}")
-    results.update(scores)
+    results["max_new_tokens"] = cfg.max_new_tokens
+    # An output without `###` was cut off (or never learnt the format): its answer is a guess from its last line.
+    results["n_no_answer_marker"] = sum("###" not in text for text in generated.values())
+    results.update(_whole_split(scores, unread))
+    skipped = unread + len(samples) - len(generated)
+    if skipped:
+        results["n_skipped"] = skipped
+        print(f"{split}: {skipped} of {unread + len(samples)} questions were skipped as bad records; they count as "
+              "wrong in the accuracies", flush=True)
     print(f"wrote {path}", flush=True)
     return results
+
+
+def generation_config(cfg: Config, sizing_set, stage: int) -> Config:
+    """`cfg` with max_new_tokens set: the config's own, else sized from `sizing_set` (the training split when there
+    is one) at `stage` (curriculum.default_max_new_tokens)."""
+    if cfg.max_new_tokens is not None:
+        return cfg
+    n = default_max_new_tokens(sizing_set, stage)
+    if n is None:
+        raise ConfigError("key 'max_new_tokens' is null, which sizes generation from the longest annotated target, "
+                          "but no sample to train or evaluate on has an answer; set max_new_tokens", ["max_new_tokens"])
+    return dataclasses.replace(cfg, max_new_tokens=n)
+
+
+def _whole_split(scores: dict, unread: int) -> dict:
+    """Scores over the read questions -> over the whole split, where the `unread` ones (bad records) score 0 (their
+    difficult_direct_answer unknown, they count in the direct-answer figure too)."""
+    if not unread:
+        return scores
+    out = dict(scores)
+    for acc, n in (("mc_accuracy", "n_mc"), ("da_accuracy", "n_da"), ("accuracy", "n_eval"),
+                   ("cot_accuracy", "n_eval")):
+        if out.get(acc) is not None and scores.get(n):
+            out[acc] = out[acc] * scores[n] / (scores[n] + unread)
+    for n in ("n_mc", "n_da", "n_eval"):
+        if scores.get(n) is not None:
+            out[n] = scores[n] + unread
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -169,6 +169,18 @@ def test_original_format_latent_passes_equal_naive_recompute(standin):
         assert ours[name].abs().sum() > 0, name  # gradients reach the vision encoder and the projector
 
 
+@pytest.mark.parametrize("attn", [None, "eager"])
+def test_original_format_uses_the_configured_attention(standin_dir, attn):
+    """The remote code's __init__ sets eager attention without flash-attn (what from_pretrained was asked is ignored);
+    the loader passes the setting through: sdpa by default."""
+    kwargs = {} if attn is None else {"attn_implementation": attn}
+    model = load_backbone(str(standin_dir), trust_remote_code=True, **kwargs).model
+    expected = attn or "sdpa"
+    assert model.language_model.config._attn_implementation == expected
+    assert model.config.llm_config._attn_implementation == expected
+    assert model.language_model.model.layers[0].self_attn.config._attn_implementation == expected
+
+
 def test_original_format_refused_without_trust_remote_code(standin_dir, monkeypatch):
     import transformers
 
@@ -278,6 +290,19 @@ def test_tiny_is_deterministic_by_seed_and_round_trips(tmp_path):
     model.save_pretrained(tmp_path / "again")
     sd = InternVLForConditionalGeneration.from_pretrained(tmp_path / "again").state_dict()
     assert sd.keys() == sa.keys() and all(torch.equal(sd[k], sa[k]) for k in sa)
+
+
+def test_an_incomplete_tiny_cache_entry_is_rebuilt(tmp_path, monkeypatch):
+    """A cache entry without its COMPLETE marker (an interrupted build, or one where a non-zero rank of a process
+    group renamed its half into place: tokenizer files, no weights) is treated as absent, never "not a checkpoint"."""
+    from multimodal_coconut.backbone import tiny_dir
+
+    monkeypatch.setenv("MMC_CACHE", str(tmp_path))
+    path = tiny_dir()
+    for name in ("config.json", "model.safetensors", "COMPLETE"):
+        (path / name).unlink(missing_ok=True)
+    assert load_backbone("tiny").tokens_per_tile == 16
+    assert tiny_dir() == path and (path / "COMPLETE").is_file()
 
 
 def test_internvl3_1b_shape_has_internvl3_1b_parameter_count():

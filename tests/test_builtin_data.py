@@ -166,13 +166,19 @@ def test_oracle_at_other_image_size(tmp_path):
         assert oracle_answer(read_scene(path), r["question"]) == r["choices"][r["correct_choice_idx"]]
 
 
-def test_idempotent_and_regenerates_on_change(tmp_path):
+def test_idempotent_refuses_other_settings_and_regenerates_when_asked(tmp_path):
     paths = generate_builtin(tmp_path, {"train": 30, "val": 5}, seed=0)
     mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     assert generate_builtin(tmp_path, {"val": 5, "train": 30}, seed=0) == paths
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == mtimes
 
-    generate_builtin(tmp_path, {"train": 20, "val": 5}, seed=0)
+    # Other settings: an error naming the directory and what differs; nothing is touched.
+    with pytest.raises(FileExistsError, match=rf"{tmp_path}.*seed 0 -> 1, splits .*'train': 30.*'train': 20.*"
+                                              r"builtin_regenerate: true"):
+        generate_builtin(tmp_path, {"train": 20, "val": 5}, seed=1)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == mtimes
+
+    generate_builtin(tmp_path, {"train": 20, "val": 5}, seed=0, regenerate=True)
     assert len(json.loads(paths["train"].read_text())) == 20
     assert len(list((tmp_path / "train2017").iterdir())) == 20  # no stale images left behind
     meta = json.loads((tmp_path / "builtin_meta.json").read_text())

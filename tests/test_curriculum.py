@@ -173,6 +173,24 @@ def test_dataset_stages_with_uniform_prob_and_with_stage(tiny, fixture_samples):
     assert c.stages == draw_stages([3] * 12, 3, mode, 1, 3) and a.stages == b.stages
 
 
+def test_default_max_new_tokens_is_the_longest_target_at_the_stage_plus_a_margin(tiny, fixture_samples):
+    from multimodal_coconut.curriculum import GENERATION_MARGIN, default_max_new_tokens
+
+    def n_tokens(text):
+        return len(tiny.tokenizer.encode(text, add_special_tokens=False))
+
+    def target(sample, stage):  # what the model writes after the prompt: remaining steps, "### answer", EOS
+        return sum(n_tokens(step + "\n") for step in sample.steps[stage:]) + n_tokens("### " + sample.answer) + 1
+
+    mode = Mode(coconut=True, max_latent_stage=3)
+    for train in (True, False):  # the same from a training set or a generation set of the same samples
+        ds = CoconutDataset(fixture_samples, tiny, mode, 0, train=train, max_length=4096, seed=0, epoch=0)
+        for stage in (0, 1, 3):
+            assert default_max_new_tokens(ds, stage) == max(target(s, stage) for s in fixture_samples) \
+                + GENERATION_MARGIN
+    assert max(target(s, 0) for s in fixture_samples) > max(target(s, 3) for s in fixture_samples)
+
+
 def test_tile_counts_and_placeholders(tiny, fixture_samples):
     ds = CoconutDataset(fixture_samples, tiny, Mode(coconut=True), 0, train=True, max_length=4096, seed=0, epoch=0)
     for i, tiles in enumerate([1, 3, 5]):  # 64x64; 130x60 -> 2x1 + thumbnail; 128x128 -> 2x2 + thumbnail

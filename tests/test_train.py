@@ -96,6 +96,27 @@ def test_resume_continues_stage_optimizer_and_metrics(reference_run, data_dir, t
     assert without_timing(resumed) == without_timing(read_metrics(reference_run))
 
 
+def test_resume_with_a_changed_config_is_refused_unless_safe_or_allowed(reference_run, data_dir, tmp_path, capsys):
+    """c_thought changed: exit 2 naming it, nothing written; num_epochs changed: resumes; so does
+    allow_config_change."""
+    import shutil
+
+    shutil.copytree(reference_run, tmp_path / "run")
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
+    assert main([DEMO, *overrides(data_dir, tmp_path, c_thought=2, lr=2e-3)]) == 2
+    err = capsys.readouterr().err
+    assert "c_thought: 1 -> 2" in err and "lr: 0.001 -> 0.002" in err and "allow_config_change: true" in err
+    assert str(tmp_path / "run") in err and "num_epochs" not in err
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")} == before
+
+    assert main([DEMO, *overrides(data_dir, tmp_path, num_epochs=4, num_workers=1, log_every=3)]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert [m["epoch"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3, 4]
+
+    assert main([DEMO, *overrides(data_dir, tmp_path, num_epochs=4, c_thought=2, allow_config_change=True)]) == 0
+    assert "resuming from" in capsys.readouterr().out  # 4 epochs are done: nothing left to train
+
+
 @pytest.mark.parametrize("fault", ["train_step:9", "checkpoint_write:2"])
 def test_sigkill_then_rerun_ends_like_an_uninterrupted_run(fault, reference_run, data_dir, tmp_path):
     """SIGKILL inside epoch 2 (at optimizer step 9) or while checkpoint_2 is being written; the same command again
@@ -128,6 +149,21 @@ def test_two_processes_equal_one(strategy, data_dir, tmp_path):
     assert (tmp_path / "two" / "run" / "checkpoint_2" / "rng_rank1.pt").exists()
 
 
+def test_first_torchrun_on_an_empty_model_cache_then_one_process(data_dir, tmp_path, monkeypatch):
+    """An empty MMC_CACHE: torchrun with 2 processes builds the tiny model once (rank 0; transformers saves only
+    there), then a single-process run uses the same cache entry."""
+    cache = tmp_path / "cache"
+    args = overrides(data_dir, tmp_path / "two", num_epochs=1, max_val_samples=4, distributed="ddp")
+    run_cli(args, {"MMC_CACHE": str(cache)}, launcher=[sys.executable, "-m", "torch.distributed.run",
+                                                       "--nproc_per_node", "2",
+                                                       "--master_port", str(29500 + (os.getpid() + 7) % 1000)])
+    [entry] = [p for p in cache.iterdir() if p.is_dir()]
+    assert {"COMPLETE", "config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in entry.iterdir()}
+    monkeypatch.setenv("MMC_CACHE", str(cache))
+    assert main([DEMO, *overrides(data_dir, tmp_path / "one", num_epochs=1, max_val_samples=4)]) == 0
+    assert [p for p in cache.iterdir() if p.is_dir()] == [entry]
+
+
 @pytest.mark.parametrize("args, message", [
     (["c_thougt=2"], "unknown key 'c_thougt' (did you mean 'c_thought'?)"),
     (["batch_size_training=eight"], "batch_size_training"),
@@ -146,9 +182,9 @@ def test_bad_configs_fail_fast_naming_the_key(args, message):
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(data_dir, tmp_path):
     assert main([DEMO, *overrides(data_dir, tmp_path, num_epochs=1)]) == 0
     good = (tmp_path / "run" / "checkpoint_1" / "model.safetensors").read_bytes()
-    # An absurd learning rate blows the weights up during epoch 2.
+    # An absurd learning rate blows the weights up during epoch 2 (a changed lr on resume must be allowed).
     with pytest.raises(FloatingPointError, match=r"at epoch 2, step \d+ .*global step \d+"):
-        main([DEMO, *overrides(data_dir, tmp_path, num_epochs=2, lr=1e30)])
+        main([DEMO, *overrides(data_dir, tmp_path, num_epochs=2, lr=1e30, allow_config_change=True)])
     assert (tmp_path / "run" / "checkpoint_1" / "model.safetensors").read_bytes() == good
     assert not (tmp_path / "run" / "checkpoint_2").exists()
 
@@ -173,3 +209,158 @@ def test_gradient_checkpointing_keeps_the_latent_cache(tiny):
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+# -- gradient accumulation --------------------------------------------------------------------------------------
+
+
+def _epoch_with_recorded_steps(tiny, data_dir, n_samples, batch, accum):
+    """train_epoch on the first n_samples of the built-in set with plain SGD; records every optimizer step's
+    gradients and the parameters before it, and the micro-batches the loader produced, in order."""
+    from multimodal_coconut import MultimodalCoconut
+    from multimodal_coconut.config import Config
+    from multimodal_coconut.curriculum import CoconutDataset, Collator, Mode
+    from multimodal_coconut.data import load_samples
+    from multimodal_coconut.distributed import DistEnv
+    from multimodal_coconut.train import train_epoch
+
+    cfg = Config(dataset="builtin", batch_size_training=batch, gradient_accumulation_steps=accum, num_workers=0,
+                 max_grad_norm=0, lr=0.5, weight_decay=0.0, save_path=str(data_dir / "unused"))
+    samples = load_samples("builtin", data_dir / "aokvqa_v1p0_train.json", image_root=data_dir)[:n_samples]
+    mode = Mode.from_config(cfg)
+    dataset = CoconutDataset(samples, tiny, mode, 0, train=True, max_length=4096, seed=0, epoch=0)
+    model = MultimodalCoconut(tiny.model, tiny.latent_id, tiny.start_latent_id, tiny.end_latent_id,
+                              tiny.eos_token_id)
+    batches = []
+
+    def collate(features):
+        out = Collator(tiny)(features)
+        batches.append(out)
+        return out
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    steps = []
+    step = optimizer.step
+
+    def recording_step():
+        steps.append({"params": {n: p.detach().clone() for n, p in model.named_parameters()},
+                      "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                      "n_batches": len(batches)})
+        step()
+
+    optimizer.step = recording_step
+    state = {"global_step": 0}
+    loss, _ = train_epoch(model, model, optimizer, dataset, collate, cfg, DistEnv(), 0, 0, state, total_steps=100)
+    return model, steps, batches, loss, state
+
+
+def test_partial_accumulation_window_steps_on_its_own_tokens(tiny, data_dir):
+    """5 micro-batches, accumulation 2: 3 optimizer steps; the last, on one micro-batch, is the SGD step of that
+    micro-batch's own per-token mean loss (the original steps on the partial window; we used to drop it)."""
+    model, steps, batches, loss, state = _epoch_with_recorded_steps(tiny, data_dir, n_samples=10, batch=2, accum=2)
+    assert len(batches) == 5 and state["global_step"] == 3 == len(steps)
+    assert [s["n_batches"] for s in steps] == [2, 4, 5]
+    last = steps[-1]
+    final = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(last["params"][name])
+    b = batches[-1]
+    model.zero_grad()
+    model(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"], b["pixel_values"]).loss.backward()
+    reference = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert reference.keys() == last["grads"].keys()
+    for name in reference:
+        torch.testing.assert_close(last["grads"][name], reference[name], atol=1e-6, rtol=1e-5, msg=name)
+    for name, p in final.items():  # and the update applied is that SGD step (lr 0.5, constant schedule)
+        expected = last["params"][name] - 0.5 * reference[name] if name in reference else last["params"][name]
+        torch.testing.assert_close(p, expected, atol=1e-6, rtol=1e-5, msg=name)
+    assert loss > 0
+
+
+def test_an_epoch_shorter_than_one_window_still_trains(tiny, data_dir):
+    model, steps, batches, loss, state = _epoch_with_recorded_steps(tiny, data_dir, n_samples=4, batch=2, accum=8)
+    assert len(batches) == 2 and state["global_step"] == 1 and loss > 0
+
+
+def test_steps_per_epoch_counts_the_partial_window():
+    from multimodal_coconut.train import steps_per_epoch
+
+    assert [steps_per_epoch(n, 2) for n in (1, 2, 5, 6)] == [1, 1, 3, 3]
+
+
+def test_reset_optimizer_per_stage_or_per_epoch():
+    from multimodal_coconut.config import Config
+    from multimodal_coconut.train import resets_optimizer
+
+    def resets(**kw):
+        cfg = Config(dataset="builtin", epochs_per_stage=2, num_epochs=6, **kw)
+        return [e for e in range(6) if resets_optimizer(cfg, e)]
+
+    assert resets(reset_optimizer=False) == []
+    assert resets(reset_optimizer=True) == [2, 4]  # the default: each new stage
+    assert resets(reset_optimizer=True, reset_optimizer_every="epoch") == [1, 2, 3, 4, 5]  # the original Coconut's
+
+
+def test_builtin_data_of_other_settings_is_refused_unless_regenerate(tmp_path):
+    from multimodal_coconut.config import Config
+    from multimodal_coconut.distributed import DistEnv
+    from multimodal_coconut.train import prepare_builtin
+
+    def cfg(**kw):
+        return Config(dataset="builtin", image_root=str(tmp_path), builtin_train_size=8, builtin_val_size=4, **kw)
+
+    prepare_builtin(cfg(), DistEnv())
+    before = (tmp_path / "aokvqa_v1p0_train.json").read_bytes()
+    with pytest.raises(FileExistsError, match=rf"{tmp_path} .*seed 0 -> 3"):
+        prepare_builtin(cfg(builtin_seed=3), DistEnv())
+    assert (tmp_path / "aokvqa_v1p0_train.json").read_bytes() == before
+    prepare_builtin(cfg(builtin_seed=3, builtin_regenerate=True), DistEnv())
+    assert (tmp_path / "aokvqa_v1p0_train.json").read_bytes() != before
+
+
+# -- evaluation -------------------------------------------------------------------------------------------------
+
+
+def test_bad_val_records_count_as_wrong_and_outputs_without_marker_are_counted(data_dir, tmp_path, capsys):
+    """skip_bad_records with a val image missing and a malformed val record: no crash printing examples, accuracy
+    over all 16 questions (a skipped one scores 0, as the official scorer), the skips reported; outputs cut off by
+    max_new_tokens before `###` counted in metrics.jsonl."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    records = json.loads((data / "aokvqa_v1p0_val.json").read_text())
+    missing_image = records[0]["question_id"]
+    (data / "val2017" / f"{records[0]['image_id']:012d}.jpg").unlink()
+    del records[1]["question_id"]  # malformed: not even read
+    (data / "aokvqa_v1p0_val.json").write_text(json.dumps(records))
+
+    args = overrides(data, tmp_path, num_epochs=1, skip_bad_records=True, max_new_tokens=2, num_examples_to_print=3)
+    assert main([DEMO, *args]) == 0
+    out = capsys.readouterr().out
+    assert "2 of 16 questions were skipped as bad records" in out and "skipped records: 2" in out
+    [m] = read_metrics(tmp_path / "run")
+    predictions = json.loads((tmp_path / "run" / "predictions_val_epoch1.json").read_text())
+    assert len(predictions) == 14 and missing_image not in predictions
+    correct = sum(predictions[r["question_id"]]["multiple_choice"] == r["choices"][r["correct_choice_idx"]]
+                  for r in records[2:])
+    assert (m["n_skipped"], m["n_mc"]) == (2, 16)
+    assert m["mc_accuracy"] == pytest.approx(100 * correct / 16)
+    assert m["max_new_tokens"] == 2 and m["n_no_answer_marker"] == 14  # 2 tokens never reach `### answer`
+
+
+def test_max_new_tokens_from_the_data_unless_set(tiny, data_dir):
+    from multimodal_coconut.config import Config
+    from multimodal_coconut.curriculum import CoconutDataset, Mode, default_max_new_tokens
+    from multimodal_coconut.data import load_samples
+    from multimodal_coconut.train import generation_config
+
+    cfg = Config(dataset="builtin", coconut=True, max_latent_stage=2)
+    assert cfg.max_new_tokens is None
+    samples = load_samples("builtin", data_dir / "aokvqa_v1p0_train.json", image_root=data_dir)
+    ds = CoconutDataset(samples, tiny, Mode.from_config(cfg), 0, train=True, max_length=4096, seed=0, epoch=0)
+    assert generation_config(cfg, ds, 0).max_new_tokens == default_max_new_tokens(ds, 0) > 24
+    assert generation_config(cfg, ds, 2).max_new_tokens == default_max_new_tokens(ds, 2) < default_max_new_tokens(ds, 0)
+    cfg.max_new_tokens = 7
+    assert generation_config(cfg, ds, 0).max_new_tokens == 7
