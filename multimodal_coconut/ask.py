@@ -17,7 +17,7 @@ import json
 import sys
 
 from .data import DataError
-from .inference import InputError, LoadError, answer_question, load_trained, question_sample
+from .inference import InputError, LoadError, answer_question, default_device, load_trained, question_sample
 
 
 def parser() -> argparse.ArgumentParser:
@@ -55,12 +55,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  thought {i}: " + "  ".join(repr(t) for t in tokens))
     print(f"generated: {answered.generated!r}")
     return 0
-
-
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 if __name__ == "__main__":

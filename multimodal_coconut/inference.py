@@ -235,7 +235,7 @@ def question_sample(image: str | Path | None, question: str, choices: list[str] 
     file that is not an image."""
     if not question or not question.strip():
         raise InputError("the question is empty")
-    choices = [" ".join(str(c).split()) for c in choices or ()]
+    choices = [str(c).strip() for c in choices or ()]  # as the prompt writes them (curriculum.question_text)
     if any(not c for c in choices):
         raise InputError(f"an empty choice in {choices!r}")
     if image is not None:
@@ -269,6 +269,10 @@ def prompt_loader(trained: Trained, dataset: CoconutDataset, batch_size: int | N
                                         shuffle=False, seed=cfg.seed)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator(trained.backbone),
                                        num_workers=num_workers)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def model_device(trained: Trained) -> torch.device:
