@@ -25,6 +25,7 @@ from .inference import (InputError, LoadError, Trained, answer_question, default
                         load_trained, overlay_heatmap, question_sample, thought_attention)
 
 MEAN = "mean over layers"
+DISPLAY_PX = 320
 
 
 def parser() -> argparse.ArgumentParser:
@@ -65,6 +66,9 @@ def heatmap(state: dict | None, thought: str | None, layer: str | None):
     with Image.open(state["image"]) as img:
         image = img.convert("RGB")
     heat = image_attention_map(weights, state["input_ids"], state["backbone"], *image.size)
+    if max(image.size) < DISPLAY_PX:  # small images (the tiny model's 64 px) are enlarged to be seen
+        scale = DISPLAY_PX / max(image.size)
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
     return overlay_heatmap(image, heat)
 
 
@@ -101,7 +105,8 @@ def build(trained: Trained):
         state = gr.State(None)
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="filepath", label="image", sources=["upload"], elem_id="image")
+                image = gr.Image(type="filepath", label="image", sources=["upload"], elem_id="image",
+                                 height=DISPLAY_PX)
                 question = gr.Textbox(label="question", elem_id="question")
                 choices = gr.Textbox(label="choices (comma-separated, optional)", elem_id="choices")
                 stage = gr.Slider(0, max_stage, value=min(trained.stage, max_stage), step=1,
@@ -119,7 +124,7 @@ def build(trained: Trained):
                     layer = gr.Dropdown([MEAN] + [f"layer {i}" for i in range(n_layers)], value=MEAN,
                                         label="attention of", elem_id="layer")
                 heat = gr.Image(type="pil", label="where the chosen thought looked", elem_id="heatmap",
-                                interactive=False)
+                                interactive=False, height=DISPLAY_PX)
         button.click(ask, [image, question, choices, stage, layer], [answer, thoughts, heat, message, thought, state],
                      api_name="ask")
         for control in (thought, layer):

@@ -5,6 +5,11 @@ that training's evaluation, `predict`, `ask`, `analyze` and the web demo share.
     trained.model, trained.backbone, trained.config, trained.stage
     texts = generate_texts(trained.model.generate, loader, samples, trained.backbone.tokenizer, max_new_tokens=64)
 
+    sample = question_sample("photo.jpg", "What color is it?", ["red", "blue"])   # a user's question (ask, the demo)
+    answered = answer_question(trained, sample)   # .answer, .thoughts (top tokens of each), .batch
+    loader = prompt_loader(trained, prompt_set(trained, samples))   # a split, batched as the evaluation (predict)
+    overlay_heatmap(image, image_attention_map(thought_attention(trained.model, batch)[0][j].mean(0), ...))
+
 A checkpoint (and an export) carries what using it needs (checkpoint.save_model_files): the weights, the model
 config, the tokenizer with Coconut's tokens, the image processor, and coconut.json with the run's config and the
 stage it was trained at. Nothing is rebuilt from the data or from `model_id`: the tiny preset's tokenizer, for one,
