@@ -57,7 +57,7 @@ def thoughts_html(thoughts: list[list[str]]) -> str:
     return f'<ol class="thoughts">{items}</ol>'
 
 
-def heatmap(state: dict | None, thought: str | None, layer: str | None):
+def heatmap(backbone, state: dict | None, thought: str | None, layer: str | None):
     """The image with the chosen thought's attention over it (None when there is nothing to draw)."""
     if not state or not state["attention"].shape[0] or not thought:
         return None
@@ -65,7 +65,7 @@ def heatmap(state: dict | None, thought: str | None, layer: str | None):
     weights = weights.mean(0) if layer in (None, MEAN) else weights[int(layer.split()[-1])]
     with Image.open(state["image"]) as img:
         image = img.convert("RGB")
-    heat = image_attention_map(weights, state["input_ids"], state["backbone"], *image.size)
+    heat = image_attention_map(weights, state["input_ids"], backbone, *image.size)
     if max(image.size) < DISPLAY_PX:  # small images (the tiny model's 64 px) are enlarged to be seen
         scale = DISPLAY_PX / max(image.size)
         image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
@@ -90,14 +90,13 @@ def build(trained: Trained):
         except (InputError, DataError) as e:
             return "", "", None, f"**error:** {html.escape(str(e))}", gr.update(choices=[], value=None), None
         attention = thought_attention(trained.model, answered.batch)[0].cpu()  # (n_thoughts, layers, T)
-        state = {"attention": attention, "input_ids": answered.batch["input_ids"][0].cpu(), "image": image,
-                 "backbone": trained.backbone}
+        state = {"attention": attention, "input_ids": answered.batch["input_ids"][0].cpu(), "image": image}
         labels = [str(i) for i in range(1, len(answered.thoughts) + 1)]
         first = labels[0] if labels else None
         message = f"{len(answered.thoughts)} continuous thought(s), stage {answered.stage}; generated " \
                   f"`{answered.generated!r}`"
-        return (answered.answer, thoughts_html(answered.thoughts), heatmap(state, first, layer), message,
-                gr.update(choices=labels, value=first), state)
+        return (answered.answer, thoughts_html(answered.thoughts), heatmap(trained.backbone, state, first, layer),
+                message, gr.update(choices=labels, value=first), state)
 
     with gr.Blocks(title="Multimodal CoCoNuT", analytics_enabled=False) as demo:
         gr.Markdown(f"# Multimodal CoCoNuT\nAsk about an image; the model reasons in continuous thoughts before it "
@@ -128,7 +127,7 @@ def build(trained: Trained):
         button.click(ask, [image, question, choices, stage, layer], [answer, thoughts, heat, message, thought, state],
                      api_name="ask")
         for control in (thought, layer):
-            control.change(heatmap, [state, thought, layer], heat, api_name=False)
+            control.change(lambda *a: heatmap(trained.backbone, *a), [state, thought, layer], heat, api_name=False)
     return demo
 
 

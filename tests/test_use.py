@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from multimodal_coconut import ask, predict
 from multimodal_coconut.cli import main
@@ -268,3 +269,25 @@ def test_browser_uploads_an_image_asks_and_sees_answer_and_thoughts(server, data
         wait.until(lambda d: "the question is empty" in d.find_element(By.CSS_SELECTOR, "#message").text)
     finally:
         driver.quit()
+
+
+def test_attention_map_follows_the_tile_grid(tiny):
+    """A weight on one image token lands in its tile of InternVL's grid (row-major tiles, thumbnail left out), at
+    its place inside the tile; the overlay has the image's size."""
+    from PIL import Image
+
+    from multimodal_coconut.curriculum import tile_count
+    from multimodal_coconut.inference import image_attention_map, overlay_heatmap, tile_grid
+
+    width, height = 128, 64  # two 64 px tiles side by side, plus the thumbnail
+    n_tiles = tile_count(width, height, tiny.image_processor)
+    assert tile_grid(width, height, tiny.image_processor, n_tiles) == (2, 1) and n_tiles == 3
+    per_tile = tiny.tokens_per_tile  # 16: a 4 x 4 grid per tile
+    input_ids = torch.tensor([5] * 3 + [tiny.image_token_id] * (n_tiles * per_tile) + [7] * 2)
+    weights = torch.zeros(len(input_ids))
+    weights[3 + per_tile + 6] = 1.0  # tile 1 (the right one), token 6 = row 1, column 2
+    heat = image_attention_map(weights, input_ids, tiny, width, height)
+    assert heat.shape == (4, 8)
+    assert heat.nonzero().tolist() == [[1, 4 + 2]]
+    image = Image.new("RGB", (width, height), "gray")
+    assert overlay_heatmap(image, heat).size == (width, height)
