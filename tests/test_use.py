@@ -8,8 +8,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-from pathlib import Path
 
 import pytest
 import torch
