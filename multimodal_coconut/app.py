@@ -134,7 +134,7 @@ def build(trained: Trained):
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        import gradio as gr
+        import gradio  # noqa: F401  (an optional extra: say how to install it rather than fail on import)
     except ImportError:
         print('error: the web demo needs gradio: pip install -e ".[app]"', file=sys.stderr)
         return 2
@@ -143,9 +143,17 @@ def main(argv: list[str] | None = None) -> int:
     except LoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    build(trained).launch(server_name=args.host, server_port=args.port, ssr_mode=False,
-                          theme=gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["monospace"]))
+    serve(build(trained), args.host, args.port)
     return 0
+
+
+def serve(demo, host: str, port: int, **launch):
+    """Start the demo's server: no server-side rendering (it needs Node) and the system's fonts (the default theme
+    downloads Google fonts, which an offline machine cannot)."""
+    import gradio as gr
+
+    theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["monospace"])
+    return demo.launch(server_name=host, server_port=port, ssr_mode=False, theme=theme, **launch)
 
 
 if __name__ == "__main__":

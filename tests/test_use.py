@@ -184,14 +184,14 @@ def test_bad_input_is_one_line_and_exit_code_2(run, data_dir, val_records, tmp_p
 @pytest.fixture(scope="module")
 def server(run):
     pytest.importorskip("gradio")
-    from multimodal_coconut.app import build
+    from multimodal_coconut.app import build, serve
     from multimodal_coconut.inference import load_trained
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     demo = build(load_trained(run))
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, ssr_mode=False, quiet=True)
+    serve(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
 
