@@ -317,6 +317,8 @@ def answer_question(trained: Trained, sample: Sample, *, stage: int | None = Non
     """Answer one question (a `question_sample`) with the continuous thoughts of `stage` (default: the
     checkpoint's), decoding each thought's top-k tokens. The same prompt, generation and answer mapping as
     training's evaluation."""
+    if sample.image is not None and not trained.backbone.is_multimodal:
+        raise InputError(f"{trained.path}: a text-only language model, which cannot take an image")
     dataset = prompt_set(trained, [sample], stage)
     batch = to_device(Collator(trained.backbone)([dataset[0]]), model_device(trained))
     tok = trained.backbone.tokenizer
