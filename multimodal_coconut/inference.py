@@ -5,6 +5,11 @@ that training's evaluation, `predict`, `ask`, `analyze` and the web demo share.
     trained.model, trained.backbone, trained.config, trained.stage
     texts = generate_texts(trained.model.generate, loader, samples, trained.backbone.tokenizer, max_new_tokens=64)
 
+    sample = question_sample("photo.jpg", "What color is it?", ["red", "blue"])   # a user's question (ask, the demo)
+    answered = answer_question(trained, sample)   # .answer, .thoughts (top tokens of each), .batch
+    loader = prompt_loader(trained, prompt_set(trained, samples))   # a split, batched as the evaluation (predict)
+    overlay_heatmap(image, image_attention_map(thought_attention(trained.model, batch)[0][j].mean(0), ...))
+
 A checkpoint (and an export) carries what using it needs (checkpoint.save_model_files): the weights, the model
 config, the tokenizer with Coconut's tokens, the image processor, and coconut.json with the run's config and the
 stage it was trained at. Nothing is rebuilt from the data or from `model_id`: the tiny preset's tokenizer, for one,
@@ -15,18 +20,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .backbone import Backbone, load_backbone
 from .config import Config
-from .curriculum import Mode
+from .curriculum import CoconutDataset, Collator, LengthGroupedBatchSampler, Mode
+from .data import Sample
+from .evaluate import clean_direct_answer, extract_answer, make_predictions
 from .model import MultimodalCoconut
 
 
@@ -105,15 +116,22 @@ def load_trained(path: str | Path, *, device: str | torch.device | None = None) 
     """Load a trained model from a run directory, a checkpoint directory or an exported HF folder (LoadError with
     the path and the reason when it is none of these)."""
     model_dir = resolve_model_dir(path)
-    cfg, stage = read_info(model_dir)
-    backbone = backbone_from(model_dir, cfg, device=device)
+    try:
+        cfg, stage = read_info(model_dir)
+        backbone = backbone_from(model_dir, cfg, device=device)
+    except LoadError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as e:  # missing / corrupt files, a model of another kind
+        raise LoadError(f"{model_dir}: cannot load the model ({type(e).__name__}: {' '.join(str(e).split())})") \
+            from None
     model = MultimodalCoconut(backbone.model, backbone.latent_id, backbone.start_latent_id, backbone.end_latent_id,
                               backbone.eos_token_id).eval()
     return Trained(model=model, backbone=backbone, config=cfg, stage=stage, path=model_dir)
 
 
 def model_info(cfg: Config, stage: int, epoch: int) -> dict:
-    """What coconut.json records for a checkpoint or export."""
+    """What coconut.json records for a checkpoint or export: the run's config (with the max_new_tokens its evaluation
+    used), the stage trained at, the epochs done."""
     return {"config": cfg.to_dict(), "stage": stage, "epoch": epoch}
 
 
@@ -205,3 +223,181 @@ def thought_attention(model: MultimodalCoconut, batch: dict) -> list[torch.Tenso
         computing = is_latent[i].nonzero().flatten() - 1  # (n_latents,)
         rows.append(weights[i][:, computing].transpose(0, 1))  # (n_latents, layers, T)
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Questions from users: the front ends' (ask, predict, the web demo) shared prompt building and answering
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class InputError(ValueError):
+    """A user's question or image that cannot be answered; the message names it and says why."""
+
+
+def question_sample(image: str | Path | None, question: str, choices: list[str] | tuple = (),
+                    question_id: str = "question") -> Sample:
+    """A Sample for one user question about an image file (the image is decoded here, so an unreadable one fails
+    before any model work). InputError for an empty question, an empty choice, a missing image, a directory or a
+    file that is not an image."""
+    if not question or not question.strip():
+        raise InputError("the question is empty")
+    choices = [str(c).strip() for c in choices or ()]  # as the prompt writes them (curriculum.question_text)
+    if any(not c for c in choices):
+        raise InputError(f"an empty choice in {choices!r}")
+    if image is not None:
+        image = Path(image)
+        if not image.exists():
+            raise InputError(f"{image}: image file not found")
+        if image.is_dir():
+            raise InputError(f"{image}: is a directory, not an image file")
+        try:
+            with Image.open(image) as img:
+                img.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise InputError(f"{image}: not a readable image ({' '.join(str(e).split())})") from None
+    return Sample(question_id=question_id, image=None if image is None else str(image), question=question.strip(),
+                  choices=choices, correct_choice_idx=None, direct_answers=None, difficult_direct_answer=False,
+                  steps=[], answer=None, split="test", source="")
+
+
+def prompt_set(trained: Trained, samples: list[Sample], stage: int | None = None) -> CoconutDataset:
+    """The generation prompts of `samples` at `stage` (default: the checkpoint's), built by the dataset training's
+    evaluation uses, so the layout (image tokens, question, choices line, markers and thoughts) is the same."""
+    cfg = trained.config
+    return CoconutDataset(samples, trained.backbone, trained.mode, trained.stage if stage is None else stage,
+                          train=False, max_length=cfg.max_length, seed=cfg.seed, epoch=0)
+
+
+def prompt_loader(trained: Trained, dataset: CoconutDataset, batch_size: int | None = None, num_workers: int = 0):
+    """Batches as training's evaluation makes them: length-grouped, unshuffled, the collator's layout."""
+    cfg = trained.config
+    sampler = LengthGroupedBatchSampler(dataset.lengths, batch_size or cfg.eval_batch_size or cfg.batch_size_training,
+                                        shuffle=False, seed=cfg.seed)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator(trained.backbone),
+                                       num_workers=num_workers)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def model_device(trained: Trained) -> torch.device:
+    return next(trained.model.parameters()).device
+
+
+def autocast_for(trained: Trained):
+    """bf16 autocast where training's evaluation used it (a bf16 run on a GPU), else None."""
+    device = model_device(trained)
+    return torch.autocast("cuda", dtype=torch.bfloat16) if trained.config.bf16 and device.type == "cuda" else None
+
+
+@dataclass
+class Answered:
+    """One answered question: the generated text, the answer (the chosen choice when there are choices, mapped as
+    the evaluation maps it; else the text after `###`), the stage prompted at and the top tokens of each thought.
+    `batch` is the prompt batch (for `thought_attention`)."""
+
+    question: str
+    generated: str
+    answer: str
+    direct_answer: str
+    multiple_choice: str | None
+    stage: int
+    thoughts: list[list[str]]
+    batch: dict
+
+    def to_json(self) -> dict:
+        return {"answer": self.answer, "n_thoughts": len(self.thoughts),
+                "thoughts": [{"top_tokens": t} for t in self.thoughts], "stage": self.stage,
+                "multiple_choice": self.multiple_choice, "direct_answer": self.direct_answer,
+                "generated": self.generated, "question": self.question}
+
+
+@torch.no_grad()
+def answer_question(trained: Trained, sample: Sample, *, stage: int | None = None, top_k: int = 5) -> Answered:
+    """Answer one question (a `question_sample`) with the continuous thoughts of `stage` (default: the
+    checkpoint's), decoding each thought's top-k tokens. The same prompt, generation and answer mapping as
+    training's evaluation."""
+    if sample.image is not None and not trained.backbone.is_multimodal:
+        raise InputError(f"{trained.path}: a text-only language model, which cannot take an image")
+    dataset = prompt_set(trained, [sample], stage)
+    batch = to_device(Collator(trained.backbone)([dataset[0]]), model_device(trained))
+    tok = trained.backbone.tokenizer
+    text = generate_texts(trained.model.generate, [batch], [sample], tok, max_new_tokens=trained.config.max_new_tokens,
+                          device=model_device(trained), autocast=autocast_for(trained), progress=False)
+    text = text[sample.question_id]
+    raw = extract_answer(text)
+    mc = make_predictions([sample], {sample.question_id: text})[sample.question_id]["multiple_choice"] \
+        if sample.choices else None
+    thoughts = decode_thoughts(trained.model, tok, thought_vectors(trained.model, batch)[0], k=top_k)
+    return Answered(question=sample.question, generated=text, answer=mc if mc is not None else raw,
+                    direct_answer=clean_direct_answer(raw), multiple_choice=mc, stage=dataset.stage,
+                    thoughts=thoughts, batch=batch)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention over the image
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def tile_grid(width: int, height: int, image_processor, n_tiles: int) -> tuple[int, int]:
+    """(columns, rows) of InternVL's tiling of a width x height image into `n_tiles` tiles (thumbnail included):
+    the processor's own choice of canvas. Tiles are in row-major order, the thumbnail (if any) last."""
+    if n_tiles == 1:
+        return 1, 1
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+
+    side = image_processor.size["height"] if isinstance(image_processor.size, dict) else image_processor.size.height
+    cols, rows = get_optimal_tiled_canvas((height, width), (side, side), image_processor.min_patches,
+                                          image_processor.max_patches)
+    if cols * rows not in (n_tiles, n_tiles - 1):
+        raise ValueError(f"{n_tiles} tiles do not fit the {cols} x {rows} canvas the processor picks for a "
+                         f"{width} x {height} image")
+    return cols, rows
+
+
+def image_attention_map(weights: torch.Tensor, input_ids: torch.Tensor, backbone: Backbone, width: int,
+                        height: int) -> torch.Tensor:
+    """A (rows * s, cols * s) map of one thought's attention over the image, s = sqrt(tokens per tile).
+
+    `weights` is one row of `thought_attention` for one thought, reduced over layers: (T,); `input_ids` the row's
+    ids (T,). The image tokens are taken per tile (InternVL's pixel shuffle keeps the patches row-major) and laid
+    out on the tile grid; the thumbnail tile is left out (it covers the whole image at a coarser scale)."""
+    image_weights = weights[input_ids == backbone.image_token_id].float()  # (tiles * tokens_per_tile,)
+    side = math.isqrt(backbone.tokens_per_tile)
+    n_tiles = image_weights.numel() // backbone.tokens_per_tile
+    if n_tiles == 0 or side * side != backbone.tokens_per_tile:
+        raise ValueError("no image tokens to draw (a text-only question, or tiles that are not square)")
+    cols, rows = tile_grid(width, height, backbone.image_processor, n_tiles)
+    tiles = image_weights.view(n_tiles, side, side)[: cols * rows]  # (tiles, s, s)
+    return tiles.view(rows, cols, side, side).permute(0, 2, 1, 3).reshape(rows * side, cols * side)
+
+
+# A perceptual colour scale (dark blue -> red -> yellow), interpolated; enough for a heatmap without matplotlib.
+_HEAT = np.array([[0, 0, 64], [60, 20, 140], [190, 40, 100], [245, 120, 30], [255, 230, 80]], dtype=np.float32)
+
+
+def overlay_heatmap(image: Image.Image, heat: torch.Tensor, alpha: float = 0.55) -> Image.Image:
+    """`image` with `heat` (any 2-D map, scaled to its own min..max) drawn over it, smoothly resized."""
+    h = heat.float().cpu().numpy()
+    h = (h - h.min()) / max(float(h.max() - h.min()), 1e-12)
+    pos = h * (len(_HEAT) - 1)
+    lo = np.floor(pos).astype(int).clip(0, len(_HEAT) - 2)
+    frac = (pos - lo)[..., None]
+    rgb = (_HEAT[lo] * (1 - frac) + _HEAT[lo + 1] * frac).astype(np.uint8)
+    colour = Image.fromarray(rgb, "RGB").resize(image.size, Image.BILINEAR)
+    return Image.blend(image.convert("RGB"), colour, alpha)
+
+
+def write_json_atomic(path: str | Path, obj) -> Path:
+    """Write `obj` as json to `path` through a temporary file, fsync and rename: a reader (or a crash) sees the old
+    file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path

@@ -246,6 +246,7 @@ def fit(cfg: Config, env) -> list[dict]:
 
     for epoch in [cfg.resume] if cfg.only_eval else range(state["epoch"], cfg.num_epochs):
         stage = stage_for_epoch(epoch, mode, cfg.epochs_per_stage)
+        gen_cfg = generation_config(cfg, train_set or val_gen_set, stage) if train_set or val_gen_set else cfg
         t0 = time.time()
         train_loss, tokens_per_s = None, None
         if not cfg.only_eval:
@@ -258,8 +259,7 @@ def fit(cfg: Config, env) -> list[dict]:
                    "train_loss": train_loss, "tokens_per_s": tokens_per_s}
         last = epoch == cfg.num_epochs - 1 or cfg.only_eval
         if val_gen_set is not None and (cfg.eval_every_epoch or last):
-            metrics.update(evaluate(wrapped, model, backbone, generation_config(cfg, train_set or val_gen_set, stage),
-                                    env, epoch, stage, val_samples,
+            metrics.update(evaluate(wrapped, model, backbone, gen_cfg, env, epoch, stage, val_samples,
                                     val_gen_set.with_stage(stage, seed=cfg.seed, epoch=epoch),
                                     val_loss_set.with_stage(stage, seed=cfg.seed, epoch=epoch)
                                     if val_loss_set else None,
@@ -277,7 +277,7 @@ def fit(cfg: Config, env) -> list[dict]:
         if improved:
             state["best_metric"] = target
         if not cfg.debug and (improved or not cfg.save_only_improve):
-            info = model_info(cfg, stage, epoch + 1)
+            info = model_info(gen_cfg, stage, epoch + 1)  # the generation length used, for load_trained
             path = ckpt.save_checkpoint(
                 run_dir, epoch + 1, wrapped, optimizer, global_step=state["global_step"],
                 best_metric=state["best_metric"], metrics=state["metrics"], rank=env.rank,
@@ -302,7 +302,8 @@ def fit(cfg: Config, env) -> list[dict]:
         weights = ckpt.read_model_state_dict(best) if best else ckpt.full_model_state_dict(wrapped)  # FSDP: collective
         if env.master:
             epoch = int(best.name.split("_")[-1]) if best else state["epoch"]
-            info = model_info(cfg, stage_for_epoch(max(epoch - 1, 0), mode, cfg.epochs_per_stage), epoch)
+            stage = stage_for_epoch(max(epoch - 1, 0), mode, cfg.epochs_per_stage)
+            info = model_info(generation_config(cfg, train_set, stage), stage, epoch)
             out = ckpt.export_hf(model.base_model, backbone.tokenizer, backbone.image_processor, run_dir / "hf_model",
                                  state_dict=ckpt.backbone_keys(weights), overwrite=True, info=info)
             log(env, f"exported {'the best' if best else 'the final'} model as an HF checkpoint to {out}")
