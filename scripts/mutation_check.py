@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,6 +116,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("names", nargs="*", help="mutations to check (default: all)")
     p.add_argument("--list", action="store_true", help="list the mutations and exit")
+    p.add_argument("--jobs", type=int, default=1, help="mutations checked at the same time")
     p.add_argument("--tests", nargs="+", help="pytest arguments for every mutation instead of each one's own "
                    "(e.g. --tests tests: the whole suite)")
     args = p.parse_args()
@@ -126,10 +128,11 @@ def main() -> int:
     if unknown:
         p.error(f"unknown mutation(s) {unknown}; see --list")
     bad = 0
-    for name in args.names or MUTATIONS:
-        status, detail, seconds = check(name, args.tests)
-        bad += status != "caught"
-        print(f"| {name} | {status} | {detail} | {seconds:.0f} s |", flush=True)
+    names = args.names or list(MUTATIONS)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each check is its own pytest process
+        for name, (status, detail, seconds) in zip(names, pool.map(lambda n: check(n, args.tests), names)):
+            bad += status != "caught"
+            print(f"| {name} | {status} | {detail} | {seconds:.0f} s |", flush=True)
     return 1 if bad else 0
 
 

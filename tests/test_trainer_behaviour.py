@@ -5,6 +5,7 @@ Spies, monkeypatched for one run and undone after it: the collator (which sample
 `torch.optim.AdamW.step` (learning rate, Adam's moments and gradients at each optimizer step, weights after it).
 Every expected value is written out here, independently of the trainer: the curriculum's number of thoughts per
 epoch, the learning-rate formula, a plain AdamW step on the loss of one batch as large as the accumulation window.
+`python scripts/mutation_check.py` puts the bugs these tests exist to catch into a scratch copy, one at a time.
 """
 
 import copy
