@@ -8,8 +8,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from multimodal_coconut.builtin_data import generate_builtin
-from multimodal_coconut.evaluate import (extract_answer, gather_generations, make_predictions, map_to_choice,
-                                         normalize_answer, score, write_predictions)
+from multimodal_coconut.evaluate import (clean_direct_answer, extract_answer, gather_generations, make_predictions,
+                                         map_to_choice, normalize_answer, score, write_predictions)
 from official_aokvqa_eval import main_scores
 
 
@@ -171,3 +171,36 @@ def test_gather_generations(tmp_path):
     merged = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert merged[0] == merged[1] == {"q0": "### dup from rank 0", "q1": "### r1", "q2": "### r0",
                                       "q3": "### r1", "q4": "### r0"}
+
+
+# The rules of the VQA answer normalisation (visualqa.org/evaluation.html, vqaEval.py), on their own examples.
+@pytest.mark.parametrize("raw, normal", [
+    ("YES", "yes"), ("Red Car", "red car"),                                  # lower-case everything
+    ("two", "2"), ("Ten", "10"), ("none", "0"),                              # number words -> digits
+    ("a dog", "dog"), ("The Cat", "cat"), ("an apple", "apple"),             # articles dropped
+    ("dogs.", "dogs"), ("3.5", "3.5"), ("it is 2.5 m.", "it is 2.5 m"),      # periods go, except a decimal point
+    ("t-shirt", "t shirt"), ("black/white", "black white"),                  # punctuation inside a word: a space
+    ("yes!", "yes"), ("what?", "what"), ("(left)", "left"),
+    ("red , blue", "red blue"), ("hot dog ;", "hot dog"),                    # punctuation next to a space: removed
+    ("100,978", "100978"),                                                   # a comma between digits: removed
+    ("man's", "man's"), ("12:30", "12:30"),                                  # apostrophe and colon are kept
+    ("  two   White  Dogs. ", "2 white dogs"),                               # whitespace collapsed
+])
+def test_normalize_answer_follows_the_vqa_rules(raw, normal):
+    assert normalize_answer(raw) == normal
+
+
+@pytest.mark.parametrize("raw, written", [
+    ("Red", "red"), ("RED.", "red"), ("  Light   Blue ", "light blue"), ("3.5", "3.5"), ("U.S.A.", "u.s.a"),
+    ("The Cat.", "the cat"),
+])
+def test_clean_direct_answer_lowercases_and_drops_the_final_period(raw, written):
+    assert clean_direct_answer(raw) == written
+
+
+def test_predictions_normalise_the_direct_answer_and_map_the_choice():
+    records = [record("q0", ["red car", "2 dogs", "a cat", "tree"], 1, ["2 dogs"] * 10),
+               record("q1", ["red car", "2 dogs", "a cat", "tree"], 0, ["red car"] * 10)]
+    preds = make_predictions(records, {"q0": "steps\n### TWO Dogs!", "q1": "### The Red Car."})
+    assert preds == {"q0": {"multiple_choice": "2 dogs", "direct_answer": "two dogs!"},
+                     "q1": {"multiple_choice": "red car", "direct_answer": "the red car"}}
