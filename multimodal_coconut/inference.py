@@ -108,7 +108,7 @@ def load_trained(path: str | Path, *, device: str | torch.device | None = None) 
     cfg, stage = read_info(model_dir)
     backbone = backbone_from(model_dir, cfg, device=device)
     model = MultimodalCoconut(backbone.model, backbone.latent_id, backbone.start_latent_id, backbone.end_latent_id,
-                              backbone.eos_token_id).eval()
+                              backbone.eos_token_id, continuous_thoughts=cfg.coconut).eval()
     return Trained(model=model, backbone=backbone, config=cfg, stage=stage, path=model_dir)
 
 
@@ -205,3 +205,63 @@ def thought_attention(model: MultimodalCoconut, batch: dict) -> list[torch.Tenso
         computing = is_latent[i].nonzero().flatten() - 1  # (n_latents,)
         rows.append(weights[i][:, computing].transpose(0, 1))  # (n_latents, layers, T)
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring a trained model (experiments, analyze): training's evaluation, run on a loaded checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def prompt_loader(trained: Trained, samples, *, batch_size: int | None = None):
+    """Batches of generation prompts at the checkpoint's stage, built and ordered as training's evaluation builds
+    them (same dataset, collator, sampler and batch size), so answers equal the ones that evaluation scored."""
+    from .curriculum import CoconutDataset, Collator, LengthGroupedBatchSampler
+    from .data import SkipReport
+
+    cfg = trained.config
+    dataset = CoconutDataset(samples, trained.backbone, trained.mode, trained.stage, train=False, epoch=0,
+                             max_length=cfg.max_length, seed=cfg.seed, skip_bad_records=cfg.skip_bad_records,
+                             report=SkipReport())
+    sampler = LengthGroupedBatchSampler(dataset.lengths, batch_size or cfg.eval_batch_size or cfg.batch_size_training,
+                                        shuffle=False, seed=cfg.seed, rank=0, world_size=1)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator(trained.backbone))
+
+
+@torch.no_grad()
+def evaluate_trained(trained: Trained, samples, *, device="cpu", thought_hook: Callable | None = None,
+                     progress: bool = False) -> dict:
+    """Answer `samples` with the checkpoint and score them with the official metrics, as training's evaluation does.
+
+    Returns {"mc_accuracy", "da_accuracy", "n_mc", "n_da", "written_tokens" (mean new tokens per question before
+    EOS), "thoughts" (mean <|latent|> positions per question), "inference_s", "generated": {qid: text}}.
+    `thought_hook(i, thoughts) -> thoughts` replaces the fed thoughts (MultimodalCoconut._run), for ablations.
+    """
+    import time
+
+    from .evaluate import extract_answer, make_predictions, score
+    from .train import _record  # the A-OKVQA fields training's evaluation scores
+
+    model, eos = trained.model, trained.backbone.eos_token_id
+    written, thoughts = [], []
+
+    def generate(input_ids, *args, **kwargs):
+        tokens = model.generate(input_ids, *args, thought_hook=thought_hook, **kwargs)
+        new = tokens[:, input_ids.shape[1]:]  # (B, new)
+        is_eos = new == eos
+        ends = torch.where(is_eos.any(1), is_eos.int().argmax(1), new.shape[1])  # tokens before the first EOS
+        written.extend(ends.tolist())
+        thoughts.extend((input_ids == model.latent_token_id).sum(1).tolist())
+        return tokens
+
+    t0 = time.time()
+    texts = generate_texts(generate, prompt_loader(trained, samples), samples, trained.backbone.tokenizer,
+                           max_new_tokens=trained.config.max_new_tokens, device=device, progress=progress)
+    elapsed = time.time() - t0
+    predictions = make_predictions(samples, texts)
+    result = {"mc_accuracy": None, "da_accuracy": None}
+    if samples and samples[0].correct_choice_idx is not None:
+        result = score([_record(s) for s in samples], predictions)
+    result.update(written_tokens=sum(written) / max(len(written), 1), thoughts=sum(thoughts) / max(len(thoughts), 1),
+                  inference_s=round(elapsed, 2), generated=texts,
+                  answers={q: extract_answer(t) for q, t in texts.items()})
+    return result
