@@ -155,11 +155,12 @@ def format_table(table: dict, setting: str) -> str:
         mean, std = row[field], row[f"{field}_std"]
         return "-" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
-    lines = [f"Mean ± std over seeds {', '.join(map(str, next(iter(table.values()))['seeds']))}; {setting}.", "",
-             "| method | MC acc. (%) | DA acc. (%) | written tokens | thoughts | train (s) | inference (s) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"Mean ± std over seeds; {setting}.", "",
+             "| method | seeds | MC acc. (%) | DA acc. (%) | written tokens | thoughts | train (s) | inference (s) |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in table.values():
-        lines.append(f"| {row['name']} | {cell(row, 'mc_accuracy')} | {cell(row, 'da_accuracy')} | "
+        seeds = ",".join(map(str, row["seeds"]))
+        lines.append(f"| {row['name']} | {seeds} | {cell(row, 'mc_accuracy')} | {cell(row, 'da_accuracy')} | "
                      f"{cell(row, 'written_tokens')} | {cell(row, 'thoughts')} | {cell(row, 'train_s', 0)} | "
                      f"{cell(row, 'inference_s', 1)} |")
     lines += ["", "written tokens: new tokens per question before EOS (steps, `### `, the answer); thoughts: latent "
@@ -178,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", nargs="+", choices=[k for k, _, _ in ROWS], help="a subset of the rows")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the results of the runs already finished (rows and seeds that have one)")
     args = p.parse_args(argv)
     seeds = [0] if args.quick and "--seeds" not in (argv if argv is not None else sys.argv) else args.seeds
     base_cfg = load_config(args.config, check_paths=False)
@@ -204,7 +207,13 @@ def main(argv: list[str] | None = None) -> int:
             if not finished(run_dir, run_cfg.num_epochs):
                 jobs.append((name, run_dir, overrides))
     print(f"{len(dirs)} runs, {len(dirs) - len(jobs)} already finished", flush=True)
-    train_runs(jobs, args.config, args.jobs)
+    if args.report_only:
+        for name, run_dir, _ in jobs:
+            dirs = {k: d for k, d in dirs.items() if d != run_dir}
+        if not dirs:
+            raise SystemExit("--report-only: no finished run")
+    else:
+        train_runs(jobs, args.config, args.jobs)
 
     runs: dict[str, dict[int, dict]] = {}
     for (key, seed), run_dir in dirs.items():
@@ -212,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     table = summarise(runs)
     setting = (f"config {args.config} with {' '.join(base) or 'no overrides'}: {cfg.num_epochs} epochs, "
                f"{cfg.epochs_per_stage} per stage, max_latent_stage {cfg.max_latent_stage}, c_thought {cfg.c_thought}")
-    results = {"setting": setting, "config": args.config, "overrides": base, "seeds": seeds, "rows": table,
+    results = {"setting": setting, "config": args.config, "overrides": base,
+               "seeds": sorted({s for _, s in dirs}), "rows": table,
                "runs": {k: {str(s): r for s, r in v.items()} for k, v in runs.items()}}
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     markdown = format_table(table, setting)
