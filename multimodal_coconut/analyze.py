@@ -107,9 +107,16 @@ def decoding(trained: Trained, batches, samples, k: int = 5) -> dict:
             per_question.append({"question_id": sample.question_id, "question": sample.question,
                                  "thoughts": rows})
     n = sum(counted.values())
+    # Chance level of the same test: each thought's top-k against the key words of another question's step at the
+    # same index (a thought that always decodes to the same common word scores here as well).
+    pairs = [(j, [w.strip().lower() for w in t["top_k"]]) for q in per_question for j, t in enumerate(q["thoughts"])]
+    keys = [(j, set(t["key_words"])) for q in per_question for j, t in enumerate(q["thoughts"])]
+    other = [any(w in keys[(a + 1) % len(keys)][1] for w in words)
+             for a, (j, words) in enumerate(pairs) if keys[(a + 1) % len(keys)][1]] if len(keys) > 1 else []
     return {
         "k": k,
         "key_word_share": sum(hits.values()) / n if n else None,
+        "key_word_share_other_question": sum(other) / len(other) if other else None,
         "key_word_top1_share": sum(top1_hits.values()) / n if n else None,
         "key_word_share_per_thought": {j + 1: hits[j] / counted[j] for j in sorted(counted)},
         "n_thoughts_with_key_word": n,
@@ -257,7 +264,9 @@ def _markdown(result: dict) -> str:
     lines += ["", "## Decoding (top-k tokens of each thought under the LM head)", "",
               f"Share of thoughts whose top-{d['k']} holds a key word of the step they replaced: "
               f"{fmt(d['key_word_share'] and 100 * d['key_word_share'])}% (top-1: "
-              f"{fmt(d['key_word_top1_share'] and 100 * d['key_word_top1_share'])}%), over "
+              f"{fmt(d['key_word_top1_share'] and 100 * d['key_word_top1_share'])}%; against another question's "
+              f"step, the chance level of this test: "
+              f"{fmt(d['key_word_share_other_question'] and 100 * d['key_word_share_other_question'])}%), over "
               f"{d['n_thoughts_with_key_word']} thoughts; per thought index: "
               + ", ".join(f"{j}: {100 * v:.1f}%" for j, v in d["key_word_share_per_thought"].items()), ""]
     for q in d["questions"][:3]:
