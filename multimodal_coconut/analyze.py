@@ -204,11 +204,16 @@ def _pictures(result: dict, trained: Trained, samples, out: Path, norm_values: d
     written.append("ablations.png")
 
     if norm_values["thoughts"]:
+        import numpy as np
+
+        values = norm_values["tokens"] + [v for vs in norm_values["thoughts"].values() for v in vs]
+        bins = np.geomspace(max(min(values), 1e-6), max(values) * 1.01, 80)  # log scale: they differ ~50x
         fig, ax = plt.subplots(figsize=(6, 3.2))
-        ax.hist(norm_values["tokens"], bins=50, alpha=0.6, density=True, label="token embeddings")
+        ax.hist(norm_values["tokens"], bins=bins, alpha=0.6, density=True, label="token embeddings")
         for j, v in norm_values["thoughts"].items():
-            ax.hist(v, bins=30, alpha=0.6, density=True, label=f"thought {j}")
-        ax.set(xlabel="L2 norm", ylabel="density", title="thought norms vs token-embedding norms")
+            ax.hist(v, bins=bins, alpha=0.6, density=True, label=f"thought {j}")
+        ax.set_xscale("log")
+        ax.set(xlabel="L2 norm (log scale)", ylabel="density", title="thought norms vs token-embedding norms")
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "norms.png", dpi=90)
@@ -233,15 +238,16 @@ def _pictures(result: dict, trained: Trained, samples, out: Path, norm_values: d
         tpt = trained.backbone.tokens_per_tile
         maps = attention_map(example["image_weights"], tpt, example["image_weights"].shape[-1] // tpt)
         n = maps.shape[0]
-        fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.9), squeeze=False)
+        fig, axes = plt.subplots(1, n, figsize=(max(2.6 * n, 5), 3.2), squeeze=False)
         for j in range(n):
             heat = maps[j] / maps[j].max().clamp(min=1e-12)
             heat = Image.fromarray((heat.numpy() * 255).astype("uint8")).resize(image.size, Image.NEAREST)
             axes[0, j].imshow(image)
-            axes[0, j].imshow(heat, cmap="inferno", alpha=0.55)
+            axes[0, j].imshow(heat, cmap="inferno", alpha=0.45)
             axes[0, j].set_title(f"thought {j + 1}", fontsize=8)
             axes[0, j].axis("off")
-        fig.suptitle(sample.question[:90], fontsize=7)
+        fig.suptitle(f"{sample.question}\n(answer: {sample.answer}; attention of each thought on the image, mean "
+                     "over layers and heads)", fontsize=6)
         fig.tight_layout()
         fig.savefig(out / "attention_image.png", dpi=90)
         plt.close(fig)
