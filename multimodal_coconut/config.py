@@ -63,7 +63,8 @@ class Config:
 
     # --- method (original Coconut keys) ---
     coconut: bool = False
-    """Train with the Coconut curriculum: stage k replaces the first k steps with k*c_thought latents."""
+    """Train with the Coconut curriculum: stage k replaces the first k steps with k*c_thought latents. False (with cot
+    and no_cot false): the same layout, but a latent is an ordinary learned token, not fed back ("pause as thought")."""
     cot: bool = False
     """Train stage 0 only: plain chain of thought (question, all steps, answer)."""
     no_thoughts: bool = False
@@ -74,6 +75,8 @@ class Config:
     """Continuous thoughts (latent tokens) per replaced reasoning step."""
     epochs_per_stage: int = 1
     """Epochs spent at each curriculum stage; stage = epoch // epochs_per_stage."""
+    curriculum: bool = True
+    """False: train at the last stage (all steps replaced, max_latent_stage + 1) from the first epoch ("w/o curriculum")."""
     max_latent_stage: int = 1
     """Largest stage: at most this many steps are replaced by latents."""
     pad_latent_to_max: bool = False
@@ -219,6 +222,8 @@ class Config:
         _check(len(modes) <= 1, modes, f"at most one of 'coconut', 'cot', 'no_cot' may be true, got {modes}")
         _check(not self.no_thoughts or self.coconut, ["no_thoughts", "coconut"],
                "key 'no_thoughts' is an ablation of the curriculum and needs 'coconut: true'")
+        _check(self.curriculum or not (self.cot or self.no_cot), ["curriculum", "cot", "no_cot"],
+               "key 'curriculum: false' trains at the last latent stage; cot and no_cot have no stages")
         # The original's CoT configs write c_thought: 0 (unused there); a curriculum with latents needs one or more.
         _check(self.c_thought > 0 or self.no_thoughts or self.cot or self.no_cot, ["c_thought"],
                f"key 'c_thought' must be a positive integer (latents per step) unless cot / no_cot / no_thoughts, "

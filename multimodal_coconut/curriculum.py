@@ -58,6 +58,7 @@ class Mode:
     pad_latent_to_max: bool = False
     uniform_prob: float = 0.0
     list_choices: bool = True  # put "Choices: ..." in the prompt (multiple choice); false for direct answers
+    curriculum: bool = True  # false: every epoch at the last stage (the paper's "w/o curriculum")
 
     def __post_init__(self):
         modes = [k for k in ("coconut", "cot", "no_cot") if getattr(self, k)]
@@ -77,7 +78,7 @@ class Mode:
         return cls(coconut=cfg.coconut, cot=cfg.cot, no_cot=cfg.no_cot, no_thoughts=cfg.no_thoughts,
                    c_thought=cfg.c_thought, max_latent_stage=cfg.max_latent_stage,
                    pad_latent_to_max=cfg.pad_latent_to_max, uniform_prob=cfg.uniform_prob,
-                   list_choices=cfg.answer_from == "choice")
+                   list_choices=cfg.answer_from == "choice", curriculum=cfg.curriculum)
 
     @property
     def markers(self) -> bool:
@@ -90,8 +91,11 @@ class Mode:
 
 
 def stage_for_epoch(epoch: int, mode: Mode, epochs_per_stage: int) -> int:
-    """The scheduled curriculum stage: epoch // epochs_per_stage, always 0 for cot and no_cot."""
-    return 0 if (mode.cot or mode.no_cot) else epoch // epochs_per_stage
+    """The scheduled curriculum stage: epoch // epochs_per_stage, always 0 for cot and no_cot, and the last stage
+    (max_latent_stage + 1: every step replaced) from the first epoch without the curriculum."""
+    if mode.cot or mode.no_cot:
+        return 0
+    return epoch // epochs_per_stage if mode.curriculum else mode.max_latent_stage + 1
 
 
 def train_plan(stage: int, n_steps: int, mode: Mode) -> tuple[int, int]:

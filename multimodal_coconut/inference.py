@@ -36,7 +36,7 @@ from . import checkpoint as ckpt
 from .backbone import Backbone, load_backbone
 from .config import Config
 from .curriculum import CoconutDataset, Collator, LengthGroupedBatchSampler, Mode
-from .data import Sample
+from .data import Sample, SkipReport
 from .evaluate import clean_direct_answer, extract_answer, make_predictions
 from .model import MultimodalCoconut
 
@@ -125,7 +125,7 @@ def load_trained(path: str | Path, *, device: str | torch.device | None = None) 
         raise LoadError(f"{model_dir}: cannot load the model ({type(e).__name__}: {' '.join(str(e).split())})") \
             from None
     model = MultimodalCoconut(backbone.model, backbone.latent_id, backbone.start_latent_id, backbone.end_latent_id,
-                              backbone.eos_token_id).eval()
+                              backbone.eos_token_id, continuous_thoughts=cfg.coconut).eval()
     return Trained(model=model, backbone=backbone, config=cfg, stage=stage, path=model_dir)
 
 
@@ -265,7 +265,8 @@ def prompt_set(trained: Trained, samples: list[Sample], stage: int | None = None
     evaluation uses, so the layout (image tokens, question, choices line, markers and thoughts) is the same."""
     cfg = trained.config
     return CoconutDataset(samples, trained.backbone, trained.mode, trained.stage if stage is None else stage,
-                          train=False, max_length=cfg.max_length, seed=cfg.seed, epoch=0)
+                          train=False, max_length=cfg.max_length, seed=cfg.seed, epoch=0,
+                          skip_bad_records=cfg.skip_bad_records, report=SkipReport())
 
 
 def prompt_loader(trained: Trained, dataset: CoconutDataset, batch_size: int | None = None, num_workers: int = 0):
@@ -401,3 +402,46 @@ def write_json_atomic(path: str | Path, obj) -> Path:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring a trained model (experiments, analyze): training's evaluation, run on a loaded checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_trained(trained: Trained, samples, *, device="cpu", thought_hook: Callable | None = None,
+                     progress: bool = False) -> dict:
+    """Answer `samples` with the checkpoint and score them with the official metrics, as training's evaluation does.
+
+    Returns {"mc_accuracy", "da_accuracy", "n_mc", "n_da", "written_tokens" (mean new tokens per question before
+    EOS), "thoughts" (mean <|latent|> positions per question), "inference_s", "generated": {qid: text}}.
+    `thought_hook(i, thoughts) -> thoughts` replaces the fed thoughts (MultimodalCoconut._run), for ablations.
+    """
+    import time
+
+    from .evaluate import score_generations
+
+    model, eos = trained.model, trained.backbone.eos_token_id
+    written, thoughts = [], []
+
+    def generate(input_ids, *args, **kwargs):
+        tokens = model.generate(input_ids, *args, thought_hook=thought_hook, **kwargs)
+        new = tokens[:, input_ids.shape[1]:]  # (B, new)
+        is_eos = new == eos
+        ends = torch.where(is_eos.any(1), is_eos.int().argmax(1), new.shape[1])  # tokens before the first EOS
+        written.extend(ends.tolist())
+        thoughts.extend((input_ids == model.latent_token_id).sum(1).tolist())
+        return tokens
+
+    t0 = time.time()
+    texts = generate_texts(generate, prompt_loader(trained, prompt_set(trained, samples)), samples,
+                           trained.backbone.tokenizer, max_new_tokens=trained.config.max_new_tokens, device=device,
+                           progress=progress)
+    elapsed = time.time() - t0
+    result = {"mc_accuracy": None, "da_accuracy": None}
+    result.update(score_generations(samples, texts, trained.config.dataset)[1])
+    result.update(written_tokens=sum(written) / max(len(written), 1), thoughts=sum(thoughts) / max(len(thoughts), 1),
+                  inference_s=round(elapsed, 2), generated=texts,
+                  answers={q: extract_answer(t) for q, t in texts.items()})
+    return result

@@ -69,9 +69,13 @@ class MultimodalCoconut(nn.Module):
     tokens = model.generate(input_ids, attention_mask, pixel_values=None, max_new_tokens=16)
     """
 
-    def __init__(self, base_model, latent_token_id, start_latent_id, end_latent_id, eos_token_id):
+    def __init__(self, base_model, latent_token_id, start_latent_id, end_latent_id, eos_token_id, *,
+                 continuous_thoughts: bool = True):
         super().__init__()
         self.base_model = base_model
+        # False: the original's "pause as thought" (coconut: false) -- a <|latent|> position takes its own token
+        # embedding, a learned pause, and the sequence runs in one pass like the plain backbone.
+        self.continuous_thoughts = continuous_thoughts
         self.latent_token_id = latent_token_id
         self.start_latent_id = start_latent_id
         self.end_latent_id = end_latent_id
@@ -152,7 +156,7 @@ class MultimodalCoconut(nn.Module):
     # -- the latent passes ------------------------------------------------------------------------------------
 
     def _pass_bounds(self, input_ids: torch.Tensor, min_passes: int = 0) -> tuple[list[int], torch.Tensor]:
-        """Column boundaries of the passes, and the number of latents per row (B,).
+        """Column boundaries of the passes, and the number of latents per row (B,); one pass without feedback.
 
         Extra single-column passes after the latents (up to `min_passes` in all) change nothing numerically; they
         keep processes in lock-step under FSDP, where every rank must call every layer the same number of times.
@@ -160,7 +164,7 @@ class MultimodalCoconut(nn.Module):
         B, T = input_ids.shape
         is_latent = input_ids == self.latent_token_id  # (B, T)
         n_latents = is_latent.sum(1)  # (B,)
-        n = int(n_latents.max())
+        n = int(n_latents.max()) if self.continuous_thoughts else 0
         if n == 0:
             cuts = []
         else:
@@ -184,8 +188,13 @@ class MultimodalCoconut(nn.Module):
         """Decoder calls `forward` makes for this batch (ranks agree on the maximum under FSDP: `min_passes`)."""
         return len(self._pass_bounds(input_ids)[0]) - 1
 
-    def _run(self, embeds, attention_mask, position_ids, bounds, n_latents, cache=None):
-        """Run the passes; returns (hidden (B, T, C), fed embeddings (B, T, C), cache)."""
+    def _run(self, embeds, attention_mask, position_ids, bounds, n_latents, cache=None, thought_hook=None):
+        """Run the passes; returns (hidden (B, T, C), fed embeddings (B, T, C), cache).
+
+        `thought_hook(i, thoughts) -> thoughts`, if given, replaces the i-th thoughts (i = 1.., (B, C): the hidden
+        states about to be fed at the i-th latent column) before they are fed; rows with fewer than i latents keep
+        their own embedding whatever it returns. For analysis (ablations), not training.
+        """
         hidden, fed = [], []
         # One split rather than a slice per pass: the backward of each slice would build a zero (B, T, C) gradient.
         chunks = embeds.split([e - s for s, e in zip(bounds[:-1], bounds[1:])], dim=1)
@@ -193,7 +202,10 @@ class MultimodalCoconut(nn.Module):
             x = chunks[i]  # (B, e-s, C)
             if i > 0:  # column s is the i-th latent of rows that have at least i latents
                 fill = (n_latents >= i)[:, None]  # (B, 1)
-                x = torch.cat([torch.where(fill, hidden[-1][:, -1], x[:, 0]).unsqueeze(1), x[:, 1:]], dim=1)
+                thought = hidden[-1][:, -1]  # (B, C)
+                if thought_hook is not None:
+                    thought = thought_hook(i, thought)
+                x = torch.cat([torch.where(fill, thought, x[:, 0]).unsqueeze(1), x[:, 1:]], dim=1)
             cache = _next_cache(cache, self.num_layers)
             h = self.decoder(
                 inputs_embeds=x,
@@ -216,6 +228,7 @@ class MultimodalCoconut(nn.Module):
         *,
         labelled_logits_only: bool = False,
         min_passes: int = 0,
+        thought_hook=None,
     ) -> CoconutOutput:
         """Loss (mean shifted cross-entropy over labels != -100), logits and the fed embeddings.
 
@@ -228,7 +241,7 @@ class MultimodalCoconut(nn.Module):
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         embeds = self.embed(input_ids, pixel_values)
         bounds, n_latents = self._pass_bounds(input_ids, min_passes)
-        hidden, fed, _ = self._run(embeds, attention_mask, position_ids, bounds, n_latents)
+        hidden, fed, _ = self._run(embeds, attention_mask, position_ids, bounds, n_latents, thought_hook=thought_hook)
 
         if labels is None:
             return CoconutOutput(loss=None, logits=self.lm_head(hidden), inputs_embeds=fed)
@@ -256,6 +269,7 @@ class MultimodalCoconut(nn.Module):
         *,
         position_ids: torch.Tensor | None = None,
         synced_gpus: bool = False,
+        thought_hook=None,
     ) -> torch.Tensor:
         """Greedy decoding after the latent passes, batched with a KV cache; returns (B, prompt + new) token ids.
 
@@ -273,7 +287,7 @@ class MultimodalCoconut(nn.Module):
             min_passes = _all_reduce_max(self.num_passes(input_ids), input_ids.device)
         embeds = self.embed(input_ids, pixel_values)
         bounds, n_latents = self._pass_bounds(input_ids, min_passes)
-        hidden, _, cache = self._run(embeds, attention_mask, position_ids, bounds, n_latents)
+        hidden, _, cache = self._run(embeds, attention_mask, position_ids, bounds, n_latents, thought_hook=thought_hook)
         for _ in range(min_passes - (len(bounds) - 1)):  # a short prompt cannot be split further: idle calls
             self.decoder(inputs_embeds=embeds[:, :1], attention_mask=attention_mask[:, :1], position_ids=position_ids[:, :1])
 

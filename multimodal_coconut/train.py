@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, plot
 from .backbone import load_backbone
 from .config import Config, ConfigError, check_resume_config, save_config
 from .curriculum import (CoconutDataset, Collator, LengthGroupedBatchSampler, Mode, default_max_new_tokens,
@@ -206,7 +206,7 @@ def fit(cfg: Config, env) -> list[dict]:
             attn_implementation=cfg.attn_implementation, tiny_texts=texts, seed=cfg.seed,
         )
     model = MultimodalCoconut(backbone.model, backbone.latent_id, backbone.start_latent_id,
-                              backbone.end_latent_id, backbone.eos_token_id)
+                              backbone.end_latent_id, backbone.eos_token_id, continuous_thoughts=cfg.coconut)
     if cfg.load_model_path and source is None:
         load_weights(model, cfg.load_model_path, env)
     if source is not None and latest is None:
@@ -309,6 +309,8 @@ def fit(cfg: Config, env) -> list[dict]:
             log(env, f"exported {'the best' if best else 'the final'} model as an HF checkpoint to {out}")
     if report.total:
         log(env, report.summary())
+    if env.master and not cfg.only_eval:
+        plot.write_curves(run_dir)
     log(env, stage_table(state["metrics"], mode))
     return state["metrics"]
 

@@ -1,0 +1,239 @@
+"""The paper's experiment table (Coconut, arXiv 2412.06769, Table 1) in the multimodal setting: every row trained and
+evaluated on the same data, model size, epochs and seeds.
+
+    python -m multimodal_coconut.experiments --out runs/table --seeds 0 1 2      # the table (docs/results.md)
+    python -m multimodal_coconut.experiments --out /tmp/table --quick             # every row, tiny: ~2 minutes
+    python -m multimodal_coconut.experiments --out DIR --config args/multimodal_coconut.yaml --set num_epochs=12
+
+Rows, as config keys on top of --config (the original Coconut's flags; `curriculum` is ours):
+
+    No-CoT             no_cot: true                  question -> answer
+    CoT                cot: true                     question -> every step written -> answer
+    Coconut            coconut: true                 the curriculum; a thought is the previous last hidden state
+    w/o curriculum     coconut, curriculum: false    the last stage (every step a thought) from the first epoch
+    w/o thought        coconut, no_thoughts: true    the curriculum removes steps and puts nothing in their place
+    Pause as thought   coconut: false                the curriculum's layout; a thought is a learned <|latent|> token
+
+Each run is run.py's code path in a child process (`cli.main`), in DIR/runs/{row}_seed{S}/, logging to train.log
+there. A run whose metrics.jsonl holds all its epochs is reused; an unfinished one resumes from its newest
+checkpoint. Each finished run's newest checkpoint is then answered once more by `inference.evaluate_trained` (the
+code training's evaluation runs) to count what it generates and time it; that is cached in eval.json beside it.
+On the built-in set the data is generated once into DIR/data, so every row and seed reads the same files.
+
+Writes DIR/results.json (every run and the mean / std over seeds per row), DIR/results.md (the table) and
+DIR/results.png (accuracy per epoch for each row, accuracy against generated tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .config import Config, load_config
+
+ROWS = [  # (key, name in the table, config overrides)
+    ("no_cot", "No-CoT", ["coconut=false", "no_cot=true"]),
+    ("cot", "CoT", ["coconut=false", "cot=true"]),
+    ("coconut", "Coconut", ["coconut=true"]),
+    ("no_curriculum", "w/o curriculum", ["coconut=true", "curriculum=false"]),
+    ("no_thought", "w/o thought", ["coconut=true", "no_thoughts=true"]),
+    ("pause", "Pause as thought", ["coconut=false"]),
+]
+# The table's setting on the built-in set: the demo's model and data, fewer questions and one stage per epoch
+# (every step a thought in the last epoch), sized for 3 seeds x 6 rows in about an hour on 2 CPU cores.
+FULL = ["builtin_train_size=640", "builtin_val_size=64", "epochs_per_stage=1", "max_latent_stage=3",
+        "num_epochs=5", "max_new_tokens=48"]
+# --quick: every row and file, in about 2 minutes (tests)
+QUICK = ["builtin_train_size=32", "builtin_val_size=8", "batch_size_training=8", "epochs_per_stage=1",
+         "max_latent_stage=1", "num_epochs=2", "max_new_tokens=24", "num_examples_to_print=0"]
+RUN_CODE = "import sys; from multimodal_coconut.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def run_overrides(out: Path, cfg: Config, row: list[str], seed: int, base: list[str]) -> list[str]:
+    """key=value overrides of one run: the shared ones, the row's, its seed, its folder and (built-in) the data."""
+    data = []
+    if cfg.dataset == "builtin":
+        d = out / "data"
+        data = [f"train_path={d / 'aokvqa_v1p0_train.json'}", f"val_path={d / 'aokvqa_v1p0_val.json'}",
+                f"image_root={d}"]
+    return [*base, *data, *row, f"seed={seed}", f"save_path={out / 'runs'}"]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def finished(run_dir: Path, num_epochs: int) -> bool:
+    metrics = read_metrics(run_dir)
+    return bool(metrics) and metrics[-1]["epoch"] >= num_epochs
+
+
+def train_runs(jobs: list[tuple[str, Path, list[str]]], config: str, parallel: int) -> None:
+    """Train the unfinished runs, `parallel` child processes at a time (one torch thread each when more than one)."""
+    env = dict(os.environ)
+    if parallel > 1:
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    pending, running = list(jobs), []
+    while pending or running:
+        while pending and len(running) < parallel:
+            name, run_dir, overrides = pending.pop(0)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            log = open(run_dir / "train.log", "a")
+            print(f"training {name}", flush=True)
+            proc = subprocess.Popen([sys.executable, "-c", RUN_CODE, config, *overrides], stdout=log,
+                                    stderr=subprocess.STDOUT, env=env)
+            running.append((name, run_dir, proc, log))
+        time.sleep(1)
+        for item in list(running):
+            name, run_dir, proc, log = item
+            if proc.poll() is not None:
+                log.close()
+                running.remove(item)
+                if proc.returncode != 0:
+                    tail = (run_dir / "train.log").read_text()[-2000:]
+                    raise RuntimeError(f"run {name} failed (exit {proc.returncode}); end of {run_dir}/train.log:\n{tail}")
+                print(f"finished {name}", flush=True)
+
+
+def evaluate_run(run_dir: Path) -> dict:
+    """Accuracy, generated tokens and inference time of the run's newest checkpoint (cached in eval.json)."""
+    cache = run_dir / "eval.json"
+    metrics = read_metrics(run_dir)
+    if cache.exists():
+        result = json.loads(cache.read_text())
+        if result.get("epoch") == metrics[-1]["epoch"]:
+            return result
+    from .data import load_samples
+    from .inference import evaluate_trained, load_trained
+
+    trained = load_trained(run_dir)
+    cfg = trained.config
+    samples = load_samples(cfg.dataset, cfg.val_path, image_root=cfg.image_root, steps_from=cfg.steps_from,
+                           answer_from=cfg.answer_from, skip_bad_records=cfg.skip_bad_records,
+                           max_samples=cfg.max_val_samples)
+    ev = evaluate_trained(trained, samples)
+    result = {k: ev[k] for k in ("mc_accuracy", "da_accuracy", "written_tokens", "thoughts", "inference_s")}
+    result.update(epoch=metrics[-1]["epoch"], stage=trained.stage,
+                  train_s=round(sum(m.get("wall_time_s") or 0 for m in metrics), 1),
+                  train_mc_accuracy=metrics[-1].get("mc_accuracy"), curve=[
+                      {k: m.get(k) for k in ("epoch", "stage", "train_loss", "val_loss", "mc_accuracy", "da_accuracy")}
+                      for m in metrics])
+    cache.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _mean_std(values: list) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(runs: dict[str, dict[int, dict]]) -> dict:
+    """Per row: mean and std over seeds of every number of the table."""
+    table = {}
+    for key, name, _ in ROWS:
+        if key not in runs:
+            continue
+        seeds = runs[key]
+        row = {"name": name, "seeds": sorted(seeds)}
+        for field in ("mc_accuracy", "da_accuracy", "written_tokens", "thoughts", "train_s", "inference_s"):
+            row[field], row[f"{field}_std"] = _mean_std([r[field] for r in seeds.values()])
+        table[key] = row
+    return table
+
+
+def format_table(table: dict, setting: str) -> str:
+    def cell(row, field, digits=1):
+        mean, std = row[field], row[f"{field}_std"]
+        return "-" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+    lines = [f"Mean ± std over seeds; {setting}.", "",
+             "| method | seeds | MC acc. (%) | DA acc. (%) | written tokens | thoughts | train (s) | inference (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in table.values():
+        seeds = ",".join(map(str, row["seeds"]))
+        lines.append(f"| {row['name']} | {seeds} | {cell(row, 'mc_accuracy')} | {cell(row, 'da_accuracy')} | "
+                     f"{cell(row, 'written_tokens')} | {cell(row, 'thoughts')} | {cell(row, 'train_s', 0)} | "
+                     f"{cell(row, 'inference_s', 1)} |")
+    lines += ["", "written tokens: new tokens per question before EOS (steps, `### `, the answer); thoughts: latent "
+              "positions per question (counted as generated tokens in the paper's table); train: wall time of all "
+              "epochs, their evaluations included; inference: answering the validation set once. Times are on a "
+              "shared machine and only roughly comparable."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="folder of the runs and the results")
+    p.add_argument("--config", default="args/demo.yaml", help="the base config every row starts from")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--quick", action="store_true", help="a tiny setting (one seed unless --seeds): ~2 minutes")
+    p.add_argument("--rows", nargs="+", choices=[k for k, _, _ in ROWS], help="a subset of the rows")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the results of the runs already finished (rows and seeds that have one)")
+    args = p.parse_args(argv)
+    seeds = [0] if args.quick and "--seeds" not in (argv if argv is not None else sys.argv) else args.seeds
+    base_cfg = load_config(args.config, check_paths=False)
+    base = ([] if base_cfg.dataset != "builtin" else (QUICK if args.quick else FULL)) + list(args.set)
+    if args.quick and base_cfg.dataset != "builtin":
+        base = QUICK[2:] + ["max_val_samples=8"] + list(args.set)
+    rows = [r for r in ROWS if not args.rows or r[0] in args.rows]
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    cfg = load_config(args.config, run_overrides(args.out, base_cfg, [], seeds[0], base), check_paths=False)
+    if cfg.dataset == "builtin":  # once, before the runs, so they never race to write it
+        from .builtin_data import generate_builtin
+
+        generate_builtin(args.out / "data", {"train": cfg.builtin_train_size, "val": cfg.builtin_val_size},
+                         seed=cfg.builtin_seed)
+    jobs, dirs = [], {}
+    for seed in seeds:
+        for key, _, row in rows:
+            name = f"{key}_seed{seed}"
+            overrides = run_overrides(args.out, base_cfg, row, seed, base) + [f"name={name}"]
+            run_cfg = load_config(args.config, overrides)  # every run's config is checked before any trains
+            run_dir = Path(run_cfg.save_path) / run_cfg.name
+            dirs[(key, seed)] = run_dir
+            if not finished(run_dir, run_cfg.num_epochs):
+                jobs.append((name, run_dir, overrides))
+    print(f"{len(dirs)} runs, {len(dirs) - len(jobs)} already finished", flush=True)
+    if args.report_only:
+        for name, run_dir, _ in jobs:
+            dirs = {k: d for k, d in dirs.items() if d != run_dir}
+        if not dirs:
+            raise SystemExit("--report-only: no finished run")
+    else:
+        train_runs(jobs, args.config, args.jobs)
+
+    runs: dict[str, dict[int, dict]] = {}
+    for (key, seed), run_dir in dirs.items():
+        runs.setdefault(key, {})[seed] = evaluate_run(run_dir)
+    table = summarise(runs)
+    setting = (f"config {args.config} with {' '.join(base) or 'no overrides'}: {cfg.num_epochs} epochs, "
+               f"{cfg.epochs_per_stage} per stage, max_latent_stage {cfg.max_latent_stage}, c_thought {cfg.c_thought}")
+    results = {"setting": setting, "config": args.config, "overrides": base,
+               "seeds": sorted({s for _, s in dirs}), "rows": table,
+               "runs": {k: {str(s): r for s, r in v.items()} for k, v in runs.items()}}
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    markdown = format_table(table, setting)
+    (args.out / "results.md").write_text(markdown + "\n")
+    from .plot import write_results_plot
+
+    write_results_plot(results, args.out / "results.png")
+    print(markdown)
+    print(f"wrote {args.out / 'results.json'}, results.md, results.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
