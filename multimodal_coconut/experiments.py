@@ -46,7 +46,8 @@ ROWS = [  # (key, name in the table, config overrides)
     ("pause", "Pause as thought", ["coconut=false"]),
 ]
 # The table's setting on the built-in set: the demo's model and data, fewer questions and one stage per epoch
-# (every step a thought in the last epoch), sized for 3 seeds x 6 rows in about an hour on 2 CPU cores.
+# (every step a thought in the last epoch): 200 steps per run, estimated ~1 hour for 3 seeds x 6 rows on 2 free CPU
+# cores (unmeasured: on the shared machine one seed took 55 minutes, docs/results.md).
 FULL = ["builtin_train_size=640", "builtin_val_size=64", "epochs_per_stage=1", "max_latent_stage=3",
         "num_epochs=5", "max_new_tokens=48"]
 # --quick: every row and file, in about 2 minutes (tests)

@@ -85,9 +85,10 @@ def test_stage_for_epoch_and_mode():
     assert [stage_for_epoch(e, Mode(coconut=True), 2) for e in range(6)] == [0, 0, 1, 1, 2, 2]
     assert stage_for_epoch(7, Mode(cot=True), 1) == stage_for_epoch(7, Mode(no_cot=True), 1) == 0
     cfg = types.SimpleNamespace(coconut=True, cot=False, no_cot=False, no_thoughts=False, c_thought=2,
-                                max_latent_stage=3, pad_latent_to_max=True, uniform_prob=0.1, answer_from="direct")
+                                max_latent_stage=3, pad_latent_to_max=True, uniform_prob=0.1, answer_from="direct",
+                                curriculum=False)
     assert Mode.from_config(cfg) == Mode(coconut=True, c_thought=2, max_latent_stage=3, pad_latent_to_max=True,
-                                         uniform_prob=0.1, list_choices=False)
+                                         uniform_prob=0.1, list_choices=False, curriculum=False)
     with pytest.raises(ValueError, match="at most one"):
         Mode(coconut=True, cot=True)
     with pytest.raises(ValueError, match="cot"):

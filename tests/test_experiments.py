@@ -67,6 +67,7 @@ def test_analyze_intact_equals_the_evaluation_and_shapes(table, tmp_path):
     for q in decoding["questions"]:
         assert len(q["thoughts"]) == 1 and len(q["thoughts"][0]["top_k"]) == 5
     assert decoding["n_thoughts_with_key_word"] == 4 and 0 <= decoding["key_word_share"] <= 1
+    assert 0 <= decoding["key_word_share_other_question"] <= 1  # the test's chance level
 
     layers = 2  # the tiny preset's language model
     share = result["attention"]["image_share"]
