@@ -551,10 +551,10 @@ def stage_table(metrics: list[dict], mode: Mode) -> str:
     heads = "acc. | CoT match" if own else "MC acc. | DA acc."
     rows = [f"| stage | what the model writes | after epoch | val loss | {heads} |", "|---|---|---|---|---|---|"]
     for stage, m in sorted(last.items()):
-        if mode.cot or stage == 0:
-            what = "CoT (all steps)"
-        elif mode.no_cot:
+        if mode.no_cot:
             what = "answer only"
+        elif mode.cot or stage == 0:
+            what = "CoT (all steps)"
         else:
             what = f"{stage} step(s) as latents" if stage <= mode.max_latent_stage else "all steps as latents"
         fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
