@@ -78,12 +78,15 @@ def prepare_builtin(cfg: Config, env) -> None:
 
 def model_source(cfg: Config, latest: Path | None) -> Path | None:
     """The folder the backbone is loaded from when it is not `model_id`: the checkpoint being resumed, else a
-    `load_model_path` that is one of our checkpoints or exports. These carry their own tokenizer and config, which
+    `load_model_path` that is one of our checkpoints or exports (or its weights file). These carry their own
+    tokenizer and config, which
     must be used as they are (a tiny model's tokenizer, for one, is trained on its run's texts)."""
     if latest is not None:
         return latest
     path = Path(cfg.load_model_path) if cfg.load_model_path else None
-    if path is not None and path.is_dir() and (path / ckpt.INFO_FILE).is_file():
+    if path is not None and path.is_file():  # the weights file of one of our checkpoints or exports: its folder
+        path = path.parent
+    if path is not None and (path / ckpt.INFO_FILE).is_file():
         return path
     return None
 
