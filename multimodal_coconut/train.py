@@ -79,8 +79,7 @@ def prepare_builtin(cfg: Config, env) -> None:
 def model_source(cfg: Config, latest: Path | None) -> Path | None:
     """The folder the backbone is loaded from when it is not `model_id`: the checkpoint being resumed, else a
     `load_model_path` that is one of our checkpoints or exports (or its weights file). These carry their own
-    tokenizer and config, which
-    must be used as they are (a tiny model's tokenizer, for one, is trained on its run's texts)."""
+    tokenizer and config, which must be used as they are (a tiny model's tokenizer is trained on its run's texts)."""
     if latest is not None:
         return latest
     path = Path(cfg.load_model_path) if cfg.load_model_path else None
