@@ -185,6 +185,22 @@ class Config:
     export_hf: bool = False
     """After training, export the final (or best) model with its tokenizer as a Hugging Face folder."""
 
+    # --- checkpoints at scale ---
+    keep_checkpoints: int = 2
+    """Resumable checkpoints kept: the newest N (0 = all) and the best one; older ones are deleted after a new one is complete."""
+    weights_only_checkpoints: bool = False
+    """Instead of deleting checkpoints beyond keep_checkpoints, keep their model weights (no optimizer state)."""
+
+    # --- LoRA (peft) ---
+    lora_r: int = 0
+    """LoRA rank (0 = off: full fine-tuning). Base weights frozen; adapters, new token rows and unfrozen towers train."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator (scale = lora_alpha / lora_r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch's input."""
+    lora_target_modules: list[str] | None = None
+    """Module names (suffixes) that get adapters (null = every linear layer of the language model)."""
+
     def __post_init__(self) -> None:
         # Coerce here too, so a Config built in Python (or by dataclasses.replace) is as strict as a file.
         hints = _type_hints()
@@ -198,11 +214,13 @@ class Config:
             value = getattr(self, key)
             _check(value is None or value > 0, [key], f"key '{key}' must be a positive integer, got {value}")
         non_negative = ["max_latent_stage", "resume", "num_workers", "warmup_steps", "num_examples_to_print",
-                        "weight_decay", "max_grad_norm"]
+                        "weight_decay", "max_grad_norm", "keep_checkpoints", "lora_r", "lora_alpha"]
         for key in non_negative:
             value = getattr(self, key)
             _check(value is None or value >= 0, [key], f"key '{key}' must be >= 0, got {value}")
         _check(self.lr > 0, ["lr"], f"key 'lr' must be > 0, got {self.lr}")
+        _check(0.0 <= self.lora_dropout < 1.0, ["lora_dropout"],
+               f"key 'lora_dropout' must be in [0, 1), got {self.lora_dropout}")
         _check(0.0 <= self.uniform_prob <= 1.0, ["uniform_prob"],
                f"key 'uniform_prob' must be in [0, 1], got {self.uniform_prob}")
         _check(1 <= self.min_num_patches <= self.max_num_patches, ["min_num_patches", "max_num_patches"],
