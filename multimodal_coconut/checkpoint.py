@@ -298,9 +298,11 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 def config_hash(config: Mapping[str, Any], ignore: Iterable[str] = (
         "resume", "load_model_path", "num_epochs", "only_eval", "num_workers", "log_every", "tensorboard", "wandb",
-        "num_examples_to_print", "eval_batch_size", "export_hf", "project")) -> str:
+        "num_examples_to_print", "eval_batch_size", "export_hf", "project", "distributed", "keep_checkpoints",
+        "weights_only_checkpoints")) -> str:
     """Short hash of the settings a resumed run must share with the run that wrote the checkpoint (keys that may
-    change between the two, like num_epochs or logging, are left out)."""
+    change between the two, like num_epochs, logging, DDP <-> FSDP2 or the disk policy, are left out). A resume on
+    another number of processes changes batch_size_training too: what must match then is the global batch."""
     kept = {k: v for k, v in sorted(config.items()) if k not in set(ignore)}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

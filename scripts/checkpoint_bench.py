@@ -72,6 +72,8 @@ def main() -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     ids = torch.randint(0, 1000, (1, 256))
+    ids[ids == model.image_token_id] = bb.eos_token_id  # text only: no image placeholder
+    ids[(ids == bb.latent_id) | (ids == bb.start_latent_id) | (ids == bb.end_latent_id)] = bb.eos_token_id
     before = rss_gb()
     t0 = time.time()
     loss = model(ids, torch.ones_like(ids), ids, torch.arange(256)[None]).loss
