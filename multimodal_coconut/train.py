@@ -24,13 +24,13 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed
-from .lora import apply_lora, export_weights
 from .backbone import load_backbone
 from .config import Config, save_config
 from .curriculum import CoconutDataset, Collator, LengthGroupedBatchSampler, Mode, stage_for_epoch
 from .data import SkipReport, load_samples
 from .evaluate import extract_answer, gather_generations, make_predictions, score, write_predictions
 from .inference import backbone_from, generate_texts, model_info, to_device
+from .lora import apply_lora, export_weights
 from .model import MultimodalCoconut
 
 
