@@ -337,8 +337,10 @@ def _ensure_post_init(model_class) -> None:
     model_class._coconut_post_init = True
 
 
-def _load_original_internvl(path: str, dtype: torch.dtype, attn_implementation: str | None):
-    """InternVLChatModel with the checkpoint's own code, through `AutoModel.from_pretrained(trust_remote_code=True)`.
+def _load_original_internvl(path: str, dtype: torch.dtype, attn_implementation: str | None,
+                            state_dict: dict | None = None):
+    """InternVLChatModel with the checkpoint's own code, through `AutoModel.from_pretrained(trust_remote_code=True)`
+    (built from the config alone when `state_dict`, a sharded checkpoint's weights, is given).
 
     Its `__init__` picks the language model's attention itself, from its `use_flash_attn` argument: flash-attn when
     asked and installed, else eager, whatever `attn_implementation` from_pretrained was given; eager keeps O(T^2)
@@ -353,9 +355,15 @@ def _load_original_internvl(path: str, dtype: torch.dtype, attn_implementation: 
     reference = (getattr(config, "auto_map", None) or {}).get("AutoModel")
     if reference is None:
         raise ValueError(f"{path}: config.json has no auto_map entry for AutoModel, so its model code cannot be found")
-    _ensure_post_init(get_class_from_dynamic_module(reference, path))  # the class AutoModel resolves (cached module)
-    model = AutoModel.from_pretrained(path, config=config, trust_remote_code=True, dtype=dtype,
-                                      use_flash_attn=attn_implementation == "flash_attention_2")
+    model_class = get_class_from_dynamic_module(reference, path)  # the class AutoModel resolves (cached module)
+    _ensure_post_init(model_class)
+    flash = attn_implementation == "flash_attention_2"
+    if state_dict is not None:
+        model = model_class.from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype,
+                                            use_flash_attn=flash)
+    else:
+        model = AutoModel.from_pretrained(path, config=config, trust_remote_code=True, dtype=dtype,
+                                          use_flash_attn=flash)
     if attn_implementation:
         model.language_model.set_attn_implementation(attn_implementation)  # an error if flash-attn is missing
     return model
@@ -374,6 +382,7 @@ def load_backbone(
     tiny_texts: Iterable[str] = (),
     seed: int = 0,
     device: str | torch.device | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Backbone:
     """Load a backbone by `model_id` (a preset name, a local directory or a hub id) and add Coconut's tokens.
 
@@ -381,7 +390,8 @@ def load_backbone(
     tiling follows InternVL's dynamic preprocessing (`min_num_patches`..`max_num_patches` tiles, plus a thumbnail when
     `use_thumbnail` and more than one tile). Original-format InternVL checkpoints run their own Python code and are
     loaded only with `trust_remote_code=True`. `device` is where the model is put; the `internvl3-1b-shape` preset is
-    built there directly (`"meta"` gives its shapes without allocating memory).
+    built there directly (`"meta"` gives its shapes without allocating memory). `state_dict`: the weights, when the
+    directory holds none of its own (a sharded checkpoint: the model is built from its config.json).
     """
     from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 
@@ -397,6 +407,13 @@ def load_backbone(
     # Decide from config.json itself: transformers' own config classes would already refuse remote code, less clearly.
     config = _config_json(path)
     kwargs = dict(dtype=dtype)
+    source = path  # where from_pretrained reads the weights: the directory, or none when they are given
+    if state_dict is not None:
+        from transformers import AutoConfig
+
+        source = None
+        kwargs.update(state_dict=state_dict, config=AutoConfig.from_pretrained(
+            path, trust_remote_code=trust_remote_code and is_original_internvl(config)))
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if is_original_internvl(config):
@@ -408,7 +425,7 @@ def load_backbone(
             )
         tile = _tile_size(config)
         _check_image_size(image_size, tile)
-        model = _load_original_internvl(path, dtype, attn_implementation)
+        model = _load_original_internvl(path, dtype, attn_implementation, state_dict)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
         image_processor = _image_processor(tile)  # the original's own preprocessing: ImageNet mean/std, square tiles
         kind = "original_internvl"
@@ -417,7 +434,7 @@ def load_backbone(
 
         tile = _tile_size(config)
         _check_image_size(image_size, tile)
-        model = InternVLForConditionalGeneration.from_pretrained(path, **kwargs)
+        model = InternVLForConditionalGeneration.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
         image_processor = AutoImageProcessor.from_pretrained(path)
         if image_processor.size["height"] != tile or image_processor.size["width"] != tile:
@@ -425,7 +442,7 @@ def load_backbone(
                              f"encoder takes {tile}px tiles; the checkpoint is inconsistent")
         kind = "hf_internvl"
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         image_processor = None
         kind = "causal_lm"

@@ -1,31 +1,43 @@
-"""Checkpoints: written completely or not at all, resumed from the newest complete one.
+"""Checkpoints: sharded (torch.distributed.checkpoint), written completely or not at all, resumable on any number of
+processes under FSDP2, DDP or none, bounded on disk.
 
-    path = save_checkpoint(run_dir, epoch + 1, model, optimizer, scheduler, global_step=step,
-                           best_metric=best, config_hash=config_hash(cfg.to_dict()), metrics=history,
-                           rank=rank, world_size=world_size)            # every rank calls it
+    path = save_checkpoint(run_dir, epoch + 1, model, optimizer, global_step=step, best_metric=best,
+                           config_hash=config_hash(cfg.to_dict()), metrics=history, rank=rank, world_size=world_size)
+    retain(run_dir, keep=2, weights_only=False)                         # rank 0, after the save: bounded disk
     latest = find_latest_checkpoint(run_dir)                            # None on a fresh run
-    progress = load_checkpoint(latest, model, optimizer, scheduler, rank=rank)
+    progress = load_checkpoint(latest, model, optimizer, rank=rank)     # every rank, any world size
 
 `save_dir/checkpoint_{epoch}` (epoch = epochs completed, as in the original Coconut) holds
 
-    model.safetensors   full weights of the backbone (gathered under FSDP2), keyed as the backbone's own state dict
-                        (the Coconut wrapper's `base_model.` prefix removed); shared tensors stored once
+    model/              the backbone's weights as a DCP checkpoint (`.metadata` + one `__{rank}_0.distcp` per writing rank:
+                        each rank writes its own FSDP2 shards, nothing is gathered), keyed as the backbone's own state
+                        dict (the Coconut wrapper's `base_model.` prefix removed). A LoRA run stores only what trains
+                        (adapters and the new token rows), since the rest is the base model it started from.
+    optimizer/          AdamW state as a DCP checkpoint, keyed by parameter name (flattened), so it reshards on load;
+                        absent in a weights-only checkpoint; an optimizer that never stepped is `optimizer_groups.pt`
     config.json, tokenizer files, preprocessor_config.json, coconut.json (and, for remote-code backbones, their
-                        .py files): everything needed to use the model without the run, so a checkpoint directory
-                        is also an ordinary Hugging Face folder (`from_pretrained(checkpoint_dir)`) and
-                        `inference.load_trained` rebuilds exactly the trained model (see `save_model_files`)
-    optimizer.pt        full optimizer state (torch.save, loaded with weights_only=True)
-    scheduler.pt        LR scheduler state
+                        .py files): everything needed to use the model without the run (see `save_model_files`);
+                        `inference.load_trained` builds the backbone from config.json and loads model/ into it
+    scheduler.pt        LR scheduler state, when one is passed
     rng_rank{r}.pt      per rank: python, numpy, torch CPU and current CUDA device RNG states
     progress.json       epoch, global_step, best_metric, config_hash, metrics so far, world_size, extra
-    COMPLETE            written last: the file names and sizes of the checkpoint
+    COMPLETE            written last: the file names (relative paths) and sizes of the checkpoint
 
-All of it is written into `checkpoint_{epoch}.tmp-step{global_step}`, fsynced, then renamed (atomic on POSIX).
-Rank 0 writes the shared files, every rank its own rng file, with barriers between the phases. A directory
-without COMPLETE, or still named `*.tmp-*`, is an interrupted write: `find_latest_checkpoint` ignores it and
-names it, and nothing here deletes it, except a leftover tmp dir of the very checkpoint being written again.
-A finished checkpoint is never deleted by saving: one whose name is taken again is moved aside to
-`checkpoint_{epoch}.replaced-{time}`; `prune_checkpoints` deletes only when called.
+The keys are names, not ranks, so a checkpoint written by N FSDP2 processes loads into M processes under FSDP2, DDP
+or a single process: DCP reads the pieces each rank's shards need. RNG files of ranks that no longer exist are not
+read (training's randomness that matters for correctness, the data order and the curriculum's draws, is seeded by
+seed and epoch, not by these streams).
+
+All of it is written into `checkpoint_{epoch}.tmp-step{global_step}`, fsynced, then renamed (atomic on POSIX; on several
+nodes save_path must be one shared filesystem). Every rank writes its shards and its rng file; rank 0 the shared files,
+with barriers between the phases. A directory without COMPLETE, or still named `*.tmp-*`, is an interrupted write:
+`find_latest_checkpoint` ignores it and names it, and nothing here deletes it, except a leftover tmp dir of the very
+checkpoint being written again. A finished checkpoint is never deleted by saving: one whose name is taken again is
+moved aside to `checkpoint_{epoch}.replaced-{time}`; `retain` (keep_checkpoints) deletes old ones only after the new
+one is complete, never the best one, and with weights_only_checkpoints thins them to model/ + the model files instead.
+
+    python -m multimodal_coconut.checkpoint export RUN_DIR/checkpoint_N OUT.safetensors   # one file, for sharing
+    python -m multimodal_coconut.checkpoint export RUN_DIR/checkpoint_N OUT_DIR            # a plain HF folder
 """
 
 from __future__ import annotations
@@ -38,6 +50,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -51,8 +64,9 @@ from torch import nn
 _CKPT = re.compile(r"checkpoint_(\d+)")
 _TMP = re.compile(r"checkpoint_(\d+)\.tmp-.*")
 COMPLETE = "COMPLETE"
-MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, PROGRESS_FILE = "model.safetensors", "optimizer.pt", "scheduler.pt", \
-    "progress.json"
+MODEL_DIR, OPTIMIZER_DIR, SCHEDULER_FILE, PROGRESS_FILE = "model", "optimizer", "scheduler.pt", "progress.json"
+OPTIMIZER_GROUPS_FILE = "optimizer_groups.pt"  # an optimizer saved before its first step: hyperparameters only
+MODEL_FILE = "model.safetensors"  # the weights of an HF export (export_hf) and of `export`'s single file
 INFO_FILE = "coconut.json"  # the training config and stage of a checkpoint or export (inference.load_trained)
 
 
@@ -90,29 +104,6 @@ def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in _unwrap(model).state_dict().items()}
 
 
-def full_optimizer_state_dict(model: nn.Module | None, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The full optimizer state, tagged with its format so `load_optimizer_state_dict` reads it back.
-
-    Plain and DDP (`model` may be None): `optimizer.state_dict()` ("torch" format: parameters by index). FSDP2: a
-    collective giving the full state keyed by parameter name on rank 0 ("fqn" format), {} elsewhere. An optimizer
-    that has not stepped yet is saved as its hyperparameters only ("empty"), because torch's FSDP state-dict API
-    would first initialise it with a zero step, which changes later Adam updates.
-    """
-    if not optimizer.state:
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        return {"format": "empty", "param_groups": groups}
-    if model is not None and is_fsdp2(model):
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        state = get_optimizer_state_dict(model, optimizer, options=_dcp_options(full_state_dict=True, cpu_offload=True))
-        return {"format": "fqn", "state_dict": state}
-    from torch.distributed.tensor import DTensor
-
-    if any(isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"]):
-        raise ValueError("the optimizer holds FSDP2 (DTensor) parameters: pass the FSDP2 model to gather its state")
-    return {"format": "torch", "state_dict": optimizer.state_dict()}
-
-
 WRAPPER_PREFIX = "base_model."  # MultimodalCoconut holds the backbone as `base_model`; it has no parameters of its own
 
 
@@ -143,28 +134,66 @@ def load_model_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tenso
     return _unwrap(model).load_state_dict(state_dict, strict=strict)
 
 
-def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
-    """Restore what `full_optimizer_state_dict` returned (every rank passes the full state)."""
-    fmt = state.get("format")
-    if fmt == "empty":
-        if len(state["param_groups"]) != len(optimizer.param_groups):
-            raise ValueError(f"saved optimizer has {len(state['param_groups'])} parameter groups, this one "
-                             f"{len(optimizer.param_groups)}")
-        for group, saved in zip(optimizer.param_groups, state["param_groups"]):
-            group.update(saved)
-        return
-    if fmt not in ("torch", "fqn"):
-        raise ValueError(f"unknown optimizer state format {fmt!r}")
-    if (fmt == "fqn") != is_fsdp2(model):
-        saved, now = ("FSDP2", "a plain/DDP") if fmt == "fqn" else ("a plain/DDP model", "an FSDP2")
-        raise ValueError(f"the optimizer state was saved under {saved} but is loaded into {now} model; resume with "
-                         "the same `distributed` setting (or set reset_optimizer)")
-    if fmt == "torch":
-        optimizer.load_state_dict(state["state_dict"])
-        return
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+def sharded_model_state_dict(model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """This rank's view of the weights, keyed as the backbone: DTensor shards under FSDP2 (nothing is gathered), the
+    tensors themselves otherwise. `trainable_only` leaves out frozen parameters (a LoRA run's base model)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    set_optimizer_state_dict(model, optimizer, state["state_dict"], options=_dcp_options(full_state_dict=True))
+    state = get_model_state_dict(model, options=_dcp_options(ignore_frozen_params=trainable_only))
+    # torch keeps one name of a tied parameter; every name is kept, so that the weights read back load anywhere
+    # (a tied LM head, or the head name of a model that unties them).
+    first: dict[int, str] = {}
+    for name, param in _unwrap(model).named_parameters(remove_duplicate=False):
+        first.setdefault(id(param), name)
+        if name not in state and first[id(param)] in state:
+            state[name] = state[first[id(param)]]
+    return backbone_keys(state)
+
+
+def _optimizer_options():
+    return _dcp_options(flatten_optimizer_state_dict=True)  # keys "state.<param name>.exp_avg": reshardable
+
+
+# --- DCP -------------------------------------------------------------------------------------------------------
+
+
+def _dcp_save(state: dict, path: Path, distributed: bool) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process")
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(path)), no_dist=not distributed)
+
+
+def _dcp_load(state: dict, path: Any, distributed: bool) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    reader = path if not isinstance(path, Path) else dcp.FileSystemReader(str(path))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*single process")
+        dcp.load(state, storage_reader=reader, no_dist=not distributed)
+
+
+def _dcp_keys(path: Path) -> set[str]:
+    import torch.distributed.checkpoint as dcp
+
+    return set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+
+
+def read_dcp(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a DCP checkpoint directory, whole, on CPU, in this process alone (no process group needed)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(path))
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype)
+             for k, m in reader.read_metadata().state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
+    _dcp_load(state, reader, distributed=False)
+    return state
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 # --- safetensors with shared tensors ---------------------------------------------------------------------------
@@ -220,12 +249,15 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def read_model_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Weights from a checkpoint directory, a `.safetensors` file, or a torch-saved state dict (the original
-    Coconut's checkpoint files); for `load_model_path`. Keys are as stored: the backbone's for our checkpoints."""
+    """Weights from a checkpoint directory (its DCP model/, read whole on CPU in this process), an HF export, a
+    `.safetensors` file, or a torch-saved state dict (the original Coconut's checkpoint files); for `load_model_path`
+    and exports. Keys are as stored: the backbone's for our checkpoints (only the trained ones for a LoRA run)."""
     path = Path(path)
     if path.is_dir():
-        _check_complete(path)
-        path = path / MODEL_FILE
+        if (path / MODEL_DIR).is_dir():
+            _check_complete(path)
+            return read_dcp(path / MODEL_DIR)
+        path = path / MODEL_FILE  # an HF export
     if not path.exists():
         raise FileNotFoundError(f"no model weights at {path}")
     if path.suffix == ".safetensors":
@@ -266,9 +298,11 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 def config_hash(config: Mapping[str, Any], ignore: Iterable[str] = (
         "resume", "load_model_path", "num_epochs", "only_eval", "num_workers", "log_every", "tensorboard", "wandb",
-        "num_examples_to_print", "eval_batch_size", "export_hf", "project")) -> str:
+        "num_examples_to_print", "eval_batch_size", "export_hf", "project", "distributed", "keep_checkpoints",
+        "weights_only_checkpoints")) -> str:
     """Short hash of the settings a resumed run must share with the run that wrote the checkpoint (keys that may
-    change between the two, like num_epochs or logging, are left out)."""
+    change between the two, like num_epochs, logging, DDP <-> FSDP2 or the disk policy, are left out). A resume on
+    another number of processes changes batch_size_training too: what must match then is the global batch."""
     kept = {k: v for k, v in sorted(config.items()) if k not in set(ignore)}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -330,26 +364,23 @@ def fault_point(name: str) -> None:
 
 
 def save_checkpoint(save_dir: str | os.PathLike, epoch: int, model: nn.Module | Mapping[str, torch.Tensor],
-                    optimizer: torch.optim.Optimizer | Mapping[str, Any] | None = None, scheduler: Any = None, *,
+                    optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None, *,
                     global_step: int = 0, best_metric: float | None = None, config_hash: str | None = None,
                     metrics: list | None = None, extra: Mapping[str, Any] | None = None, rank: int = 0,
                     world_size: int = 1, barrier: Callable[[], None] | None = None,
-                    model_files: Callable[[Path], None] | None = None,
+                    model_files: Callable[[Path], None] | None = None, trainable_only: bool = False,
                     log: Callable[[str], None] | None = print) -> Path:
     """Write `save_dir/checkpoint_{epoch}` atomically; every rank calls it, all return its path.
 
-    `model`: the model (plain, DDP or FSDP2; gathered here, a collective under FSDP2) or a full state dict already
-    gathered (only rank 0's is used). `optimizer`: the optimizer (needs `model` to be the module under FSDP2) or
-    what `full_optimizer_state_dict` returned. `scheduler`: anything with `state_dict()`. `barrier` defaults to
-    `torch.distributed.barrier` when world_size > 1. `model_files(dir)` writes what makes the checkpoint usable on
-    its own (tokenizer, model config: `save_model_files`), on rank 0. Returns the final path.
+    `model`: the model (plain, DDP or FSDP2: every rank writes its own shards) or a full state dict (written by rank
+    0 alone). `optimizer`: its state is saved keyed by parameter name (needs `model` to be the module). `scheduler`:
+    anything with `state_dict()`. `barrier` defaults to `torch.distributed.barrier` when world_size > 1.
+    `model_files(dir)` writes what makes the checkpoint usable on its own (tokenizer, model config:
+    `save_model_files`), on rank 0. `trainable_only`: save only parameters that train (LoRA). Returns the final path.
     """
     save_dir = Path(save_dir)
     barrier = barrier or _default_barrier(world_size)
     module = model if isinstance(model, nn.Module) else None
-    optim_state = full_optimizer_state_dict(module, optimizer) if isinstance(optimizer, torch.optim.Optimizer) \
-        else optimizer
-    model_state = backbone_keys(full_model_state_dict(module) if module is not None else model)
     final = save_dir / f"checkpoint_{epoch}"
     tmp = save_dir / f"checkpoint_{epoch}.tmp-step{global_step}"
 
@@ -362,28 +393,47 @@ def save_checkpoint(save_dir: str | os.PathLike, epoch: int, model: nn.Module | 
         tmp.mkdir()
     barrier()
 
-    # Every rank: its RNG state. Rank 0: everything shared.
+    # Every rank: its shards of the model and optimizer, and its RNG state. Rank 0: everything shared.
+    distributed = world_size > 1 and _distributed()
+    if module is not None:
+        _dcp_save(sharded_model_state_dict(module, trainable_only), tmp / MODEL_DIR, distributed)
+    elif rank == 0:
+        _dcp_save(backbone_keys(model), tmp / MODEL_DIR, distributed=False)
+    if optimizer is not None:
+        if optimizer.state:
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+            if module is None:
+                raise ValueError("saving the optimizer needs the model (its parameter names), not a state dict")
+            state = get_optimizer_state_dict(module, optimizer, options=_optimizer_options())
+            _dcp_save(state, tmp / OPTIMIZER_DIR, distributed)
+        elif rank == 0:
+            # Not stepped yet: torch's state-dict API would first initialise it with a zero step, which changes
+            # later Adam updates. Its hyperparameters are all there is.
+            _torch_save([{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
+                        tmp / OPTIMIZER_GROUPS_FILE)
     _torch_save(rng_state(), tmp / f"rng_rank{rank}.pt")
     if rank == 0:
-        save_safetensors(model_state, tmp / MODEL_FILE)
         fault_point(f"checkpoint_write:{epoch}")
         if model_files is not None:
             model_files(tmp)
-        if optim_state is not None:
-            _torch_save(optim_state, tmp / OPTIMIZER_FILE)
         if scheduler is not None:
             _torch_save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
         progress = {"epoch": epoch, "global_step": global_step, "best_metric": best_metric,
                     "config_hash": config_hash, "metrics": list(metrics or []), "world_size": world_size,
-                    "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"), **dict(extra or {})}
+                    "trainable_only": trainable_only, "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    **dict(extra or {})}
         _write_json(progress, tmp / PROGRESS_FILE)
     barrier()
 
     if rank == 0:
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        files = _file_sizes(tmp)
         missing = [f"rng_rank{r}.pt" for r in range(world_size) if f"rng_rank{r}.pt" not in files]
         if missing:
             raise RuntimeError(f"checkpoint {tmp}: missing {missing} after the barrier")
+        for name in files:
+            if "/" in name:  # DCP fsyncs its own files; the directories holding them too
+                _fsync_dir(tmp / name.rsplit("/", 1)[0])
         _write_json({"epoch": epoch, "files": files}, tmp / COMPLETE)
         _fsync_dir(tmp)
         if final.exists():  # a checkpoint of this epoch from an earlier attempt: keep it, under another name
@@ -392,6 +442,10 @@ def save_checkpoint(save_dir: str | os.PathLike, epoch: int, model: nn.Module | 
         _fsync_dir(save_dir)
     barrier()
     return final
+
+
+def _file_sizes(path: Path) -> dict[str, int]:
+    return {p.relative_to(path).as_posix(): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 # --- finding and loading ---------------------------------------------------------------------------------------
@@ -443,16 +497,42 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
                     log: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and this rank's RNG streams from a checkpoint; return progress.json.
 
-    Every rank calls it (under FSDP2 each rank reads the full weights and keeps its shard). A rank with no rng file
-    of its own (resuming on more processes than saved) keeps its current RNG state, with a message.
+    Every rank calls it, with any number of processes and any wrapping (plain, DDP, FSDP2): DCP reads the pieces this
+    rank's shards need. A checkpoint that holds only some parameters (a LoRA run's) loads those and leaves the rest,
+    which must then be frozen. A rank with no rng file of its own (resuming on more processes than saved) keeps its
+    current RNG state, with a message.
     """
+    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
     path = Path(path)
     _check_complete(path)
-    load_model_state_dict(model, load_safetensors(path / MODEL_FILE))
+    distributed = _distributed()
+    saved = _dcp_keys(path / MODEL_DIR)
+    state = sharded_model_state_dict(model)
+    trainable = sharded_model_state_dict(model, trainable_only=True).keys()
+    missing, unexpected = sorted(trainable - saved), sorted(saved - state.keys())
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not fit this model: it lacks trained weights {missing[:5]}, "
+                         f"and holds weights the model does not have {unexpected[:5]}")
+    state = {k: v for k, v in state.items() if k in saved}
+    _dcp_load(state, path / MODEL_DIR, distributed)
+    set_model_state_dict(model, _keys_for(model, state), options=_dcp_options(strict=False))
     if optimizer is not None:
-        if not (path / OPTIMIZER_FILE).exists():
-            raise FileNotFoundError(f"{path} holds no {OPTIMIZER_FILE} to restore the optimizer from")
-        load_optimizer_state_dict(model, optimizer, torch.load(path / OPTIMIZER_FILE, weights_only=True))
+        if (path / OPTIMIZER_DIR).is_dir():
+            optim_state = get_optimizer_state_dict(model, optimizer, options=_optimizer_options())
+            _dcp_load(optim_state, path / OPTIMIZER_DIR, distributed)
+            set_optimizer_state_dict(model, optimizer, optim_state, options=_optimizer_options())
+        elif (path / OPTIMIZER_GROUPS_FILE).is_file():
+            groups = torch.load(path / OPTIMIZER_GROUPS_FILE, weights_only=True)
+            if len(groups) != len(optimizer.param_groups):
+                raise ValueError(f"saved optimizer has {len(groups)} parameter groups, this one "
+                                 f"{len(optimizer.param_groups)}")
+            for group, saved_group in zip(optimizer.param_groups, groups):
+                group.update(saved_group)
+        else:
+            raise FileNotFoundError(f"{path} holds no optimizer state (a weights-only checkpoint?) to restore the "
+                                    "optimizer from")
     if scheduler is not None:
         if not (path / SCHEDULER_FILE).exists():
             raise FileNotFoundError(f"{path} holds no {SCHEDULER_FILE} to restore the scheduler from")
@@ -466,13 +546,20 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     return json.loads((path / PROGRESS_FILE).read_text())
 
 
+def holds_full_model(path: str | os.PathLike) -> bool:
+    """Whether a checkpoint holds every weight (not only a LoRA run's trained ones)."""
+    return not json.loads((Path(path) / PROGRESS_FILE).read_text()).get("trainable_only")
+
+
+def is_weights_only(path: str | os.PathLike) -> bool:
+    """A checkpoint thinned by `retain` to its model (no optimizer or RNG state): usable, not resumable."""
+    return bool(json.loads((Path(path) / COMPLETE).read_text()).get("weights_only"))
+
+
 def prune_checkpoints(save_dir: str | os.PathLike, keep: Iterable[str | os.PathLike],
                       log: Callable[[str], None] | None = print) -> list[Path]:
     """Delete complete checkpoints not in `keep`, never the newest complete one; return what was deleted.
-
-    Not used by `save_only_improve`, which (as in the original Coconut) writes only improving checkpoints and
-    deletes nothing. Interrupted writes are left alone.
-    """
+    Interrupted writes are left alone."""
     found = list_checkpoints(save_dir, log=None)
     keep = {Path(p).resolve() for p in keep}
     removed = []
@@ -483,6 +570,68 @@ def prune_checkpoints(save_dir: str | os.PathLike, keep: Iterable[str | os.PathL
             if log:
                 log(f"checkpoint: deleted {path}")
     return removed
+
+
+def _thin(path: Path, log: Callable[[str], None] | None) -> None:
+    """Make a checkpoint weights-only: COMPLETE is rewritten first (atomically) without the optimizer, scheduler and
+    RNG files, which are deleted after; a kill in between leaves a valid weights-only checkpoint with extra files."""
+    info = json.loads((path / COMPLETE).read_text())
+    drop = lambda name: name.split("/")[0] in (OPTIMIZER_DIR, OPTIMIZER_GROUPS_FILE, SCHEDULER_FILE) \
+        or name.startswith("rng_rank")  # noqa: E731
+    info = {**info, "weights_only": True, "files": {k: v for k, v in info["files"].items() if not drop(k)}}
+    _write_json(info, path / f"{COMPLETE}.tmp")
+    os.replace(path / f"{COMPLETE}.tmp", path / COMPLETE)
+    for item in list(path.iterdir()):
+        if drop(item.name):
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    if log:
+        log(f"checkpoint: kept only the weights of {path} (weights_only_checkpoints)")
+
+
+def best_epoch(progress: Mapping[str, Any]) -> int | None:
+    """The epoch whose evaluation set `best_metric` (the first to reach it), from a progress.json."""
+    best = progress.get("best_metric")
+    for m in progress.get("metrics", []):
+        if best is not None and m.get("mc_accuracy", m.get("da_accuracy")) == best:
+            return m["epoch"]
+    return None
+
+
+def retain(save_dir: str | os.PathLike, keep: int, weights_only: bool = False,
+           log: Callable[[str], None] | None = print) -> list[Path]:
+    """keep_checkpoints / weights_only_checkpoints, on rank 0 after a checkpoint is complete: of the resumable
+    checkpoints, the newest `keep` stay (0 = all), and so does the best one (`best_metric` of the newest
+    progress.json); each older one is deleted, or with `weights_only` thinned to its weights. Returns the paths
+    deleted or thinned. Interrupted writes are left alone."""
+    found = [(e, p) for e, p in list_checkpoints(save_dir, log=None) if not is_weights_only(p)]
+    if keep <= 0 or len(found) <= keep:
+        return []
+    best = best_epoch(json.loads((found[-1][1] / PROGRESS_FILE).read_text()))
+    changed = []
+    for epoch, path in found[:-keep]:
+        if epoch == best:
+            continue
+        if weights_only:
+            _thin(path, log)
+        else:
+            shutil.rmtree(path)
+            if log:
+                log(f"checkpoint: deleted {path} (keep_checkpoints={keep})")
+        changed.append(path)
+    return changed
+
+
+def disk_used(path: str | os.PathLike) -> int:
+    """Bytes of all files under `path`."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TB"
 
 
 # --- Hugging Face files ----------------------------------------------------------------------------------------
@@ -544,3 +693,50 @@ def export_hf(model_base: nn.Module, tokenizer: Any, image_processor: Any, out_d
     if old is not None:
         shutil.rmtree(old)
     return out_dir
+
+
+# --- command line ----------------------------------------------------------------------------------------------
+
+
+def export_file(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """A checkpoint's model weights (read whole from its shards) as one .safetensors file, keyed as the backbone
+    (`from_pretrained(checkpoint_dir, state_dict=load_safetensors(out))` or plain `load_state_dict`)."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    progress = checkpoint / PROGRESS_FILE
+    if progress.is_file() and not holds_full_model(checkpoint):
+        raise ValueError(f"{checkpoint} is a LoRA checkpoint: it holds only the adapters and new token rows; "
+                         "export the merged model with export_hf: true (RUN_DIR/hf_model) instead")
+    state = read_model_state_dict(checkpoint)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    save_safetensors(state, tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m multimodal_coconut.checkpoint",
+                                     description="Convert a checkpoint's sharded weights into one safetensors file.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    export = sub.add_parser("export", help="RUN_DIR/checkpoint_N -> OUT: a .safetensors file, or else a folder "
+                                           "that from_pretrained loads (model.safetensors + the model files)")
+    export.add_argument("checkpoint")
+    export.add_argument("out")
+    a = parser.parse_args(argv)
+    out, t0 = Path(a.out), time.time()
+    if out.suffix != ".safetensors":  # a folder: the model files beside model.safetensors, a plain HF folder
+        state_files = (MODEL_DIR, OPTIMIZER_DIR, OPTIMIZER_GROUPS_FILE, SCHEDULER_FILE, PROGRESS_FILE, COMPLETE)
+        out.mkdir(parents=True, exist_ok=True)
+        for item in Path(a.checkpoint).iterdir():
+            if item.is_file() and item.name not in state_files and not item.name.startswith("rng_rank"):
+                shutil.copy2(item, out / item.name)
+        out = out / MODEL_FILE
+    path = export_file(a.checkpoint, out)
+    print(f"wrote {path} ({human_bytes(path.stat().st_size)}) in {time.time() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -194,6 +194,22 @@ class Config:
     allow_config_change: bool = False
     """Resume a run's checkpoints even though settings other than those safe to change (RESUME_SAFE_KEYS) differ."""
 
+    # --- checkpoints at scale ---
+    keep_checkpoints: int = 2
+    """Resumable checkpoints kept: the newest N (0 = all) and the best one; older ones are deleted after a new one is complete."""
+    weights_only_checkpoints: bool = False
+    """Instead of deleting checkpoints beyond keep_checkpoints, keep their model weights (no optimizer state)."""
+
+    # --- LoRA (peft) ---
+    lora_r: int = 0
+    """LoRA rank (0 = off: full fine-tuning). Base weights frozen; adapters, new token rows and unfrozen towers train."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator (scale = lora_alpha / lora_r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch's input."""
+    lora_target_modules: list[str] | None = None
+    """Module names (suffixes) that get adapters (null = every linear layer of the language model)."""
+
     def __post_init__(self) -> None:
         # Coerce here too, so a Config built in Python (or by dataclasses.replace) is as strict as a file.
         hints = _type_hints()
@@ -207,11 +223,14 @@ class Config:
             value = getattr(self, key)
             _check(value is None or value > 0, [key], f"key '{key}' must be a positive integer, got {value}")
         non_negative = ["c_thought", "max_latent_stage", "resume", "num_workers", "warmup_steps",
-                        "num_examples_to_print", "weight_decay", "max_grad_norm"]
+                        "num_examples_to_print", "weight_decay", "max_grad_norm", "keep_checkpoints", "lora_r",
+                        "lora_alpha"]
         for key in non_negative:
             value = getattr(self, key)
             _check(value is None or value >= 0, [key], f"key '{key}' must be >= 0, got {value}")
         _check(self.lr > 0, ["lr"], f"key 'lr' must be > 0, got {self.lr}")
+        _check(0.0 <= self.lora_dropout < 1.0, ["lora_dropout"],
+               f"key 'lora_dropout' must be in [0, 1), got {self.lora_dropout}")
         _check(0.0 <= self.uniform_prob <= 1.0, ["uniform_prob"],
                f"key 'uniform_prob' must be in [0, 1], got {self.uniform_prob}")
         _check(1 <= self.min_num_patches <= self.max_num_patches, ["min_num_patches", "max_num_patches"],
@@ -484,14 +503,17 @@ RESUME_SAFE_KEYS = frozenset({
     "name", "save_path", "resume", "load_model_path", "num_epochs", "only_eval", "num_workers",
     "gradient_checkpointing", "save_only_improve", "eval_batch_size", "max_new_tokens", "eval_every_epoch", "num_examples_to_print",
     "max_val_samples", "test_path", "tensorboard", "wandb", "project", "log_every", "export_hf", "allow_config_change",
-    "builtin_regenerate",
+    "builtin_regenerate", "distributed", "keep_checkpoints", "weights_only_checkpoints",
 })
 
 
-def check_resume_config(cfg: Config, saved: str | os.PathLike) -> None:
+def check_resume_config(cfg: Config, saved: str | os.PathLike, *, world_size: int = 1,
+                        saved_world_size: int = 1) -> None:
     """Refuse to resume a run from its checkpoints when `cfg` differs from the config it was started with (`saved`,
     its config.yaml) in a key outside RESUME_SAFE_KEYS: that would silently continue the old run under other
-    settings. Raises ConfigError listing the changed keys; `allow_config_change: true` lets it through."""
+    settings. `batch_size_training` may change with the number of processes as long as the global batch
+    (batch_size_training x processes) stays the same: checkpoints resume on any number of processes. Raises
+    ConfigError listing the changed keys; `allow_config_change: true` lets it through."""
     saved = os.fspath(saved)
     if cfg.allow_config_change or not os.path.exists(saved):
         return
@@ -505,6 +527,9 @@ def check_resume_config(cfg: Config, saved: str | os.PathLike) -> None:
             except ConfigError:
                 old[name] = value
     changed = [k for k in _FIELD_NAMES if k not in RESUME_SAFE_KEYS and old[k] != getattr(cfg, k)]
+    if "batch_size_training" in changed and \
+            old["batch_size_training"] * saved_world_size == cfg.batch_size_training * world_size:
+        changed.remove("batch_size_training")
     if changed:
         diff = ", ".join(f"{k}: {old[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
         raise ConfigError(

@@ -99,9 +99,15 @@ def backbone_from(model_dir: str | Path, cfg: Config, device=None) -> Backbone:
     vocab = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=cfg.trust_remote_code).get_vocab()
     if LATENT not in vocab:
         raise LoadError(f"{model_dir}: its tokenizer has no {LATENT} token, so it is not a Multimodal CoCoNuT model")
+    if (Path(model_dir) / ckpt.PROGRESS_FILE).is_file() and not ckpt.holds_full_model(model_dir):
+        raise LoadError(f"{model_dir}: a LoRA checkpoint holds only the adapters and new token rows, not the base "
+                        "model; use the run's merged export (export_hf: true writes RUN_DIR/hf_model)")
+    # A checkpoint's weights are sharded (DCP, model/): read whole here and the model built from config.json.
+    state_dict = ckpt.read_model_state_dict(model_dir) if (Path(model_dir) / ckpt.MODEL_DIR).is_dir() else None
     return load_backbone(str(model_dir), trust_remote_code=cfg.trust_remote_code, image_size=cfg.image_size,
                          min_num_patches=cfg.min_num_patches, max_num_patches=cfg.max_num_patches,
-                         use_thumbnail=cfg.use_thumbnail, attn_implementation=cfg.attn_implementation, device=device)
+                         use_thumbnail=cfg.use_thumbnail, attn_implementation=cfg.attn_implementation, device=device,
+                         state_dict=state_dict)
 
 
 def read_info(model_dir: str | Path) -> tuple[Config, int]:

@@ -32,6 +32,7 @@ from .curriculum import (CoconutDataset, Collator, LengthGroupedBatchSampler, Mo
 from .data import SkipReport, load_samples
 from .evaluate import gather_generations, score_generations, write_predictions
 from .inference import backbone_from, generate_texts, model_info, to_device
+from .lora import apply_lora, export_weights
 from .model import MultimodalCoconut
 
 
@@ -80,7 +81,7 @@ def model_source(cfg: Config, latest: Path | None) -> Path | None:
     """The folder the backbone is loaded from when it is not `model_id`: the checkpoint being resumed, else a
     `load_model_path` that is one of our checkpoints or exports (or its weights file). These carry their own
     tokenizer and config, which must be used as they are (a tiny model's tokenizer is trained on its run's texts)."""
-    if latest is not None:
+    if latest is not None and ckpt.holds_full_model(latest):  # a LoRA checkpoint holds only the adapters
         return latest
     path = Path(cfg.load_model_path) if cfg.load_model_path else None
     if path is not None and path.is_file():  # the weights file of one of our checkpoints or exports: its folder
@@ -176,8 +177,11 @@ def make_optimizer(model, cfg: Config):
 def fit(cfg: Config, env) -> list[dict]:
     """Train (unless only_eval) and evaluate; returns the metrics of every evaluation."""
     run_dir = Path(cfg.save_path) / cfg.name
-    if not cfg.only_eval and ckpt.find_latest_checkpoint(run_dir, log=None) is not None:
-        check_resume_config(cfg, run_dir / "config.yaml")  # before this run's config replaces the saved one
+    previous = None if cfg.only_eval else ckpt.find_latest_checkpoint(run_dir, log=None)
+    if previous is not None:  # before this run's config replaces the saved one
+        saved_world_size = json.loads((previous / ckpt.PROGRESS_FILE).read_text()).get("world_size", 1)
+        check_resume_config(cfg, run_dir / "config.yaml", world_size=env.world_size,
+                            saved_world_size=saved_world_size)
     if env.master:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -215,6 +219,7 @@ def fit(cfg: Config, env) -> list[dict]:
         log(env, f"loaded the model, its tokenizer and settings from {source}")
 
     freeze(model, cfg)
+    apply_lora(model, cfg)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.to(env.device)
@@ -285,8 +290,11 @@ def fit(cfg: Config, env) -> list[dict]:
                 best_metric=state["best_metric"], metrics=state["metrics"], rank=env.rank,
                 world_size=env.world_size, barrier=distributed.barrier, log=lambda m: log(env, m),
                 model_files=lambda d: ckpt.save_model_files(d, model.base_model, backbone.tokenizer,
-                                                            backbone.image_processor, info))
+                                                            backbone.image_processor, info),
+                trainable_only=cfg.lora_r > 0)
             log(env, f"saved {path}")
+            if env.master:
+                ckpt.retain(run_dir, cfg.keep_checkpoints, cfg.weights_only_checkpoints, log=lambda m: log(env, m))
         _append_metrics(run_dir, metrics, env)
         log(env, _format_metrics(metrics))
         if env.master:
@@ -301,19 +309,20 @@ def fit(cfg: Config, env) -> list[dict]:
         # save_only_improve writes only improving checkpoints, so the newest one is the best.
         saved = ckpt.list_checkpoints(run_dir, log=None) if cfg.save_only_improve else []
         best = saved[-1][1] if saved else None
-        weights = ckpt.read_model_state_dict(best) if best else ckpt.full_model_state_dict(wrapped)  # FSDP: collective
+        weights = export_weights(wrapped, model, best, cfg)  # under FSDP a collective
         if env.master:
             epoch = int(best.name.split("_")[-1]) if best else state["epoch"]
             stage = stage_for_epoch(max(epoch - 1, 0), mode, cfg.epochs_per_stage)
             info = model_info(generation_config(cfg, train_set, stage), stage, epoch)
             out = ckpt.export_hf(model.base_model, backbone.tokenizer, backbone.image_processor, run_dir / "hf_model",
-                                 state_dict=ckpt.backbone_keys(weights), overwrite=True, info=info)
+                                 state_dict=weights, overwrite=True, info=info)
             log(env, f"exported {'the best' if best else 'the final'} model as an HF checkpoint to {out}")
     if report.total:
         log(env, report.summary())
     if env.master and not cfg.only_eval:
         plot.write_curves(run_dir)
     log(env, stage_table(state["metrics"], mode))
+    log(env, f"disk used by {run_dir}: {ckpt.human_bytes(ckpt.disk_used(run_dir))}")
     return state["metrics"]
 
 

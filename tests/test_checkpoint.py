@@ -69,8 +69,9 @@ def test_round_trip_resumes_exactly(tmp_path):
     path = save_checkpoint(tmp_path, 1, model, opt, sched, global_step=2, best_metric=50.0, config_hash="abc",
                            metrics=[{"epoch": 1, "mc_accuracy": 50.0}], extra={"stage": 0})
     assert path == tmp_path / "checkpoint_1"
-    assert sorted(os.listdir(path)) == [COMPLETE, "model.safetensors", "optimizer.pt", "progress.json",
-                                        "rng_rank0.pt", "scheduler.pt"]
+    assert sorted(os.listdir(path)) == [COMPLETE, "model", "optimizer", "progress.json", "rng_rank0.pt",
+                                        "scheduler.pt"]
+    assert sorted(os.listdir(path / "model")) == [".metadata", "__0_0.distcp"]  # DCP, one process: one shard file
     assert os.listdir(tmp_path) == ["checkpoint_1"]  # the tmp dir was renamed
     expected_state = state(model)
     expected = train_steps(model, opt, sched, 3)
@@ -123,9 +124,9 @@ def test_interrupted_writes_are_ignored_and_kept(tmp_path):
     assert [e for e, _ in list_checkpoints(tmp_path, log=None)] == [1, 3]
 
     # a file cut short after COMPLETE was written is caught on load
-    with open(tmp_path / "checkpoint_3" / "model.safetensors", "r+b") as f:
+    with open(tmp_path / "checkpoint_3" / "model" / "__0_0.distcp", "r+b") as f:
         f.truncate(100)
-    with pytest.raises(ValueError, match="model.safetensors"):
+    with pytest.raises(ValueError, match="model/__0_0.distcp"):
         load_checkpoint(tmp_path / "checkpoint_3", model)
 
 
@@ -244,7 +245,8 @@ def _two_rank_worker(rank, world_size, init_file, save_dir):
             assert got.keys() == expected.keys() and "head.weight" in got
             for k in expected:
                 assert torch.equal(got[k], expected[k]), k
-            saved = load_safetensors(path / "model.safetensors")
+            assert sorted(os.listdir(path / "model")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # each rank
+            saved = read_model_state_dict(path)  # the shards read back whole, in this process
             assert all(torch.equal(saved[k], full[k]) for k in full)
             plain = TinyLM(3)
             plain.load_state_dict(saved)  # an FSDP checkpoint loads into a plain model
@@ -258,7 +260,8 @@ def test_two_ranks_fsdp2(tmp_path):
     mp.spawn(_two_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "run")), nprocs=2)
     path = tmp_path / "run" / "checkpoint_1"
     files = json.loads((path / COMPLETE).read_text())["files"]
-    assert {"rng_rank0.pt", "rng_rank1.pt", "model.safetensors", "optimizer.pt", "progress.json"} <= files.keys()
+    assert {"rng_rank0.pt", "rng_rank1.pt", "model/.metadata", "model/__1_0.distcp", "optimizer/.metadata",
+            "progress.json"} <= files.keys()
     assert os.listdir(tmp_path / "run") == ["checkpoint_1"]
     assert json.loads((path / "progress.json").read_text())["world_size"] == 2
 

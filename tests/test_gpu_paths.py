@@ -104,17 +104,25 @@ def test_only_eval_of_a_checkpoint_uses_its_own_tokenizer(trained_run, data_dir,
 def test_checkpoint_and_export_load_on_their_own(trained_run):
     from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
-    from multimodal_coconut.checkpoint import load_safetensors
+    from multimodal_coconut.checkpoint import load_safetensors, main as export_main, read_model_state_dict
     from multimodal_coconut.inference import LoadError, load_trained
 
     ckpt = trained_run / "checkpoint_2"
     info = json.loads((ckpt / "coconut.json").read_text())
     assert info["stage"] == 1 and info["epoch"] == 2 and info["config"]["c_thought"] == 1
-    # A checkpoint directory is an ordinary HF folder.
-    plain = InternVLForConditionalGeneration.from_pretrained(ckpt)
-    saved = load_safetensors(ckpt / "model.safetensors")
+    # A checkpoint directory holds an HF model's config and its sharded (DCP) weights; the export is a plain HF folder.
+    plain = InternVLForConditionalGeneration.from_pretrained(trained_run / "hf_model")
+    saved = read_model_state_dict(ckpt)
     for name, tensor in plain.state_dict().items():
         assert torch.equal(tensor, saved[name]), name
+    # The export tool: one safetensors file, or a folder that plain from_pretrained loads.
+    out = trained_run.parent / "exported"
+    assert export_main(["export", str(ckpt), str(out)]) == 0
+    assert export_main(["export", str(ckpt), str(out / "single.safetensors")]) == 0
+    exported = InternVLForConditionalGeneration.from_pretrained(out)
+    single = load_safetensors(out / "single.safetensors")
+    for name, tensor in exported.state_dict().items():
+        assert torch.equal(tensor, saved[name]) and torch.equal(single[name], saved[name]), name
     assert "<|latent|>" in AutoTokenizer.from_pretrained(ckpt).get_vocab()
     # The run directory, the checkpoint and the export load to the same model at the same stage.
     loaded = [load_trained(p) for p in (trained_run, ckpt, trained_run / "hf_model")]

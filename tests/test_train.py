@@ -69,10 +69,12 @@ def test_end_to_end_outputs(reference_run):
     assert [m["global_step"] for m in metrics] == [6, 12, 18]  # 48 samples / batch 8
     assert all(m["train_loss"] > 0 and m["val_loss"] > 0 for m in metrics)
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
-    for name in ("config.yaml", "checkpoint_1", "checkpoint_2", "checkpoint_3", "predictions_val_epoch3.json"):
+    for name in ("config.yaml", "checkpoint_2", "checkpoint_3", "predictions_val_epoch3.json"):
         assert (reference_run / name).exists(), name
+    best = next(m["epoch"] for m in metrics if m["mc_accuracy"] == max(x["mc_accuracy"] for x in metrics))
+    assert (reference_run / "checkpoint_1").exists() == (best == 1)  # keep_checkpoints: 2, and the best
     assert {p.name for p in (reference_run / "checkpoint_3").iterdir()} >= {
-        "model.safetensors", "optimizer.pt", "rng_rank0.pt", "progress.json", "COMPLETE"}
+        "model", "optimizer", "rng_rank0.pt", "progress.json", "COMPLETE"}
 
 
 def test_reported_accuracy_equals_official_scoring(reference_run, data_dir):
@@ -87,8 +89,10 @@ def test_resume_continues_stage_optimizer_and_metrics(reference_run, data_dir, t
     """Two epochs, stop; then the same command with num_epochs=3 continues to exactly the uninterrupted result."""
     assert main([DEMO, *overrides(data_dir, tmp_path, num_epochs=2)]) == 0
     run = tmp_path / "run"
-    optimizer = torch.load(run / "checkpoint_2" / "optimizer.pt", weights_only=False)
-    steps = {int(s["step"]) for s in optimizer["state_dict"]["state"].values()}
+    from multimodal_coconut.checkpoint import read_dcp
+
+    optimizer = read_dcp(run / "checkpoint_2" / "optimizer")  # keyed "state.<parameter>.<name>"
+    steps = {int(v) for k, v in optimizer.items() if k.endswith(".step")}
     assert steps == {12}  # AdamW state after 12 optimizer steps is carried over, not restarted
     assert main([DEMO, *overrides(data_dir, tmp_path, num_epochs=3)]) == 0
     resumed = read_metrics(run)
@@ -181,11 +185,11 @@ def test_bad_configs_fail_fast_naming_the_key(args, message):
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(data_dir, tmp_path):
     assert main([DEMO, *overrides(data_dir, tmp_path, num_epochs=1)]) == 0
-    good = (tmp_path / "run" / "checkpoint_1" / "model.safetensors").read_bytes()
+    good = (tmp_path / "run" / "checkpoint_1" / "model" / "__0_0.distcp").read_bytes()
     # An absurd learning rate blows the weights up during epoch 2 (a changed lr on resume must be allowed).
     with pytest.raises(FloatingPointError, match=r"at epoch 2, step \d+ .*global step \d+"):
         main([DEMO, *overrides(data_dir, tmp_path, num_epochs=2, lr=1e30, allow_config_change=True)])
-    assert (tmp_path / "run" / "checkpoint_1" / "model.safetensors").read_bytes() == good
+    assert (tmp_path / "run" / "checkpoint_1" / "model" / "__0_0.distcp").read_bytes() == good
     assert not (tmp_path / "run" / "checkpoint_2").exists()
 
 

@@ -1,0 +1,116 @@
+"""Checkpoint size and write time (full vs LoRA vs weights-only) and the peak memory of a LoRA step, for the
+`internvl3-1b-shape` preset (938M parameters, fp32) on CPU. Prints a markdown table (docs/benchmarks.md).
+
+    nice python scripts/checkpoint_bench.py --out /tmp/ckpt_bench [--lora-r 16]
+
+One process, no process group (the format is the same with N: each rank writes its shards). The full run's AdamW
+state (exp_avg, exp_avg_sq and step per parameter, what a stepped AdamW holds) is written as its own DCP directory
+after the model is freed, to keep the peak under ~8 GB on a shared machine; a full training step (weights + grads +
+AdamW = 4 x 3.75 GB, plus activations) is not run here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+
+def rss_gb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def main() -> None:
+    from multimodal_coconut import MultimodalCoconut, load_backbone
+    from multimodal_coconut.checkpoint import _dcp_save, disk_used, save_checkpoint
+    from multimodal_coconut.config import Config
+    from multimodal_coconut.lora import apply_lora
+    from multimodal_coconut.train import freeze
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="/tmp/ckpt_bench")
+    parser.add_argument("--lora-r", type=int, default=16)
+    a = parser.parse_args()
+    out = Path(a.out)
+    shutil.rmtree(out, ignore_errors=True)
+    torch.set_num_threads(2)
+    rows = []
+
+    def timed_save(name, model, **kw):
+        t0 = time.time()
+        path = save_checkpoint(out / name, 1, model, log=None, **kw)
+        return path, time.time() - t0
+
+    bb = load_backbone("internvl3-1b-shape", image_size=448)
+    model = MultimodalCoconut(bb.model, bb.latent_id, bb.start_latent_id, bb.end_latent_id, bb.eos_token_id)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"built: {n_params / 1e6:.1f}M parameters, RSS {rss_gb():.1f} GB", flush=True)
+
+    path, seconds = timed_save("weights", model)
+    weights_bytes = disk_used(path / "model")
+    rows.append(("weights only (model/)", weights_bytes, seconds))
+    print(rows[-1], flush=True)
+
+    # LoRA on the language model, vision and projector frozen (the usual VLM recipe), one real step on text.
+    cfg = Config(dataset="builtin", lora_r=a.lora_r, lora_alpha=2 * a.lora_r, freeze_vision=True,
+                 freeze_projector=True)
+    freeze(model, cfg)
+    apply_lora(model, cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    ids = torch.randint(0, 1000, (1, 256))
+    ids[ids == model.image_token_id] = bb.eos_token_id  # text only: no image placeholder
+    ids[(ids == bb.latent_id) | (ids == bb.start_latent_id) | (ids == bb.end_latent_id)] = bb.eos_token_id
+    before = rss_gb()
+    t0 = time.time()
+    loss = model(ids, torch.ones_like(ids), ids, torch.arange(256)[None]).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    print(f"LoRA step: {time.time() - t0:.1f} s, RSS {before:.1f} -> peak {peak_gb():.1f} GB", flush=True)
+    lora_peak = peak_gb()
+    path, seconds = timed_save("lora", model, optimizer=optimizer, trainable_only=True)
+    n_trainable = sum(p.numel() for p in trainable)
+    rows.append((f"LoRA r={a.lora_r} (adapters + 3 token rows x2, + AdamW)", disk_used(path), seconds))
+    print(rows[-1], flush=True)
+
+    # The full run's optimizer state: exp_avg, exp_avg_sq (fp32, one of each per weight) and step.
+    names = [(n, p.shape) for n, p in model.named_parameters()
+             if "lora_" not in n and "tokens_delta" not in n]
+    del model, bb, optimizer, trainable
+    gc.collect()
+    state = {}
+    for n, shape in names:
+        n = n.replace(".base_layer", "").replace(".token_adapter", "")
+        state[f"state.{n}.exp_avg"] = torch.full(shape, 1e-3)
+        state[f"state.{n}.exp_avg_sq"] = torch.full(shape, 1e-6)
+        state[f"state.{n}.step"] = torch.tensor(1.0)
+    t0 = time.time()
+    _dcp_save(state, out / "optimizer", distributed=False)
+    optim_seconds = time.time() - t0
+    optim_bytes = disk_used(out / "optimizer")
+    rows.insert(0, ("full (model/ + optimizer/)", weights_bytes + optim_bytes,
+                    rows[0][2] + optim_seconds))
+    print(f"\n{n_params / 1e6:.1f}M parameters; LoRA trains {n_trainable / 1e6:.2f}M; LoRA step peak RSS "
+          f"{lora_peak:.1f} GB\n")
+    print("| checkpoint | size | write time (s) | fraction of full |\n|---|---|---|---|")
+    for name, size, seconds in rows:
+        print(f"| {name} | {size / 2**30:.2f} GiB | {seconds:.1f} | {size / rows[0][1]:.2%} |")
+    shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
