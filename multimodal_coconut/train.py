@@ -81,7 +81,9 @@ def model_source(cfg: Config, latest: Path | None) -> Path | None:
     """The folder the backbone is loaded from when it is not `model_id`: the checkpoint being resumed, else a
     `load_model_path` that is one of our checkpoints or exports (or its weights file). These carry their own
     tokenizer and config, which must be used as they are (a tiny model's tokenizer is trained on its run's texts)."""
-    if latest is not None and ckpt.holds_full_model(latest):  # a LoRA checkpoint holds only the adapters
+    # A LoRA checkpoint holds only the adapters, and one written before checkpoints carried their model files has
+    # no tokenizer: the backbone then comes from model_id as when the run started (the weights from the checkpoint).
+    if latest is not None and ckpt.holds_full_model(latest) and (latest / ckpt.INFO_FILE).is_file():
         return latest
     path = Path(cfg.load_model_path) if cfg.load_model_path else None
     if path is not None and path.is_file():  # the weights file of one of our checkpoints or exports: its folder

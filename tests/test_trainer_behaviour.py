@@ -400,7 +400,8 @@ def test_resume_past_epoch_ten_takes_the_newest_checkpoint(accumulation_run, tmp
         save_checkpoint(new_run, epoch, spy.model, optimizer, global_step=step, metrics=metrics, log=None)
     args = [a for a in args if not a.startswith(("save_path=", "num_epochs=", "debug=", "export_hf="))]
     with spying(Spy()) as resumed:
-        assert main(args + [f"save_path={tmp_path}", "num_epochs=12", "eval_every_epoch=false"]) == 0
+        assert main(args + [f"save_path={tmp_path}", "num_epochs=12", "eval_every_epoch=false",
+                            "keep_checkpoints=0"]) == 0
     assert len(resumed.of("train")) == 2 * 2 * 2  # epochs 11 and 12: 2 steps of 2 micro-batches each
     metrics = [json.loads(line) for line in (new_run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == list(range(1, 13))
