@@ -47,7 +47,7 @@ def test_ddp_under_nccl_rules_with_save_only_improve(data_dir, tmp_path):
     """DDP, 2 processes, a whole training run with evaluation every epoch, under a process group that takes only
     the tensors NCCL-on-GPU takes; save_only_improve decides on rank 0's score and every rank must follow it."""
     torchrun_shim(overrides(data_dir, tmp_path, num_epochs=3, batch_size_training=4, distributed="ddp",
-                            save_only_improve=True, max_new_tokens=12))
+                            save_only_improve=True, max_new_tokens=12, keep_checkpoints=0))
     run = tmp_path / "run"
     metrics = read_metrics(run)
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
