@@ -133,7 +133,7 @@ def bad_inputs(run, image, tmp_path):
     (incomplete / "COMPLETE").unlink()
     no_weights = tmp_path / "exported"
     shutil.copytree(run / "checkpoint_2", no_weights)
-    (no_weights / "model.safetensors").unlink()
+    shutil.rmtree(no_weights / "model")  # the sharded weights
     other_model = tmp_path / "other_model"
     other_model.mkdir()
     (other_model / "config.json").write_text("{}")
