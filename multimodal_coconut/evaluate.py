@@ -323,10 +323,17 @@ def write_predictions(path: str | os.PathLike, predictions: Mapping[str, Any],
         os.rename(path, aside)
         if log:
             log(f"write_predictions: {path} held different predictions; kept them as {aside.name}")
+    return write_json_atomic(path, predictions)
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> Path:
+    """Write `obj` as json to `path` through a temporary file, fsync and rename: a reader (or a crash) sees the old
+    file or the new one, never half of one."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
-        json.dump(predictions, f)
+        json.dump(obj, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -396,18 +395,6 @@ def overlay_heatmap(image: Image.Image, heat: torch.Tensor, alpha: float = 0.55)
     return Image.blend(image.convert("RGB"), colour, alpha)
 
 
-def write_json_atomic(path: str | Path, obj) -> Path:
-    """Write `obj` as json to `path` through a temporary file, fsync and rename: a reader (or a crash) sees the old
-    file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 from .data import DataError, load_samples
-from .evaluate import make_predictions, score
+from .evaluate import make_predictions, score, write_json_atomic
 from .inference import (InputError, LoadError, autocast_for, default_device, generate_texts, load_trained,
-                        model_device, prompt_loader, prompt_set, write_json_atomic)
+                        model_device, prompt_loader, prompt_set)
 
 
 def parser() -> argparse.ArgumentParser:
