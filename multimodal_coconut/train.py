@@ -179,9 +179,9 @@ def make_optimizer(model, cfg: Config):
 def fit(cfg: Config, env) -> list[dict]:
     """Train (unless only_eval) and evaluate; returns the metrics of every evaluation."""
     run_dir = Path(cfg.save_path) / cfg.name
-    previous = None if cfg.only_eval else ckpt.find_latest_checkpoint(run_dir, log=None)
-    if previous is not None:  # before this run's config replaces the saved one
-        saved_world_size = json.loads((previous / ckpt.PROGRESS_FILE).read_text()).get("world_size", 1)
+    latest = None if cfg.only_eval else ckpt.find_latest_checkpoint(run_dir, log=lambda m: log(env, m))
+    if latest is not None:  # before this run's config replaces the saved one
+        saved_world_size = json.loads((latest / ckpt.PROGRESS_FILE).read_text()).get("world_size", 1)
         check_resume_config(cfg, run_dir / "config.yaml", world_size=env.world_size,
                             saved_world_size=saved_world_size)
     if env.master:
@@ -202,7 +202,6 @@ def fit(cfg: Config, env) -> list[dict]:
     test_samples = load_samples(path=cfg.test_path, **read) if cfg.test_path else []
     log(env, f"data: {len(train_samples)} train, {len(val_samples)} val, {len(test_samples)} test samples")
 
-    latest = None if cfg.only_eval else ckpt.find_latest_checkpoint(run_dir, log=lambda m: log(env, m))
     source = model_source(cfg, latest)
     if source is not None:
         backbone = backbone_from(source, cfg)
