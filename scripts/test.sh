@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up and run the test suite (CPU, tiny models, about 20 minutes on 2 cores). Extra arguments go to pytest.
+# Set up and run the test suite (CPU, tiny models, about 10 minutes on 2 cores). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev
