@@ -3,6 +3,8 @@ processes under FSDP2, DDP or none, bounded on disk.
 
     path = save_checkpoint(run_dir, epoch + 1, model, optimizer, global_step=step, best_metric=best,
                            config_hash=config_hash(cfg.to_dict()), metrics=history, rank=rank, world_size=world_size)
+    pending = start_checkpoint(..., asynchronous=True, group=gloo_group)  # async_checkpoint: written in the
+    path = pending.wait()                                               # background until wait()
     retain(run_dir, keep=2, weights_only=False)                         # rank 0, after the save: bounded disk
     latest = find_latest_checkpoint(run_dir)                            # None on a fresh run
     progress = load_checkpoint(latest, model, optimizer, rank=rank)     # every rank, any world size
@@ -157,12 +159,18 @@ def _optimizer_options():
 # --- DCP -------------------------------------------------------------------------------------------------------
 
 
-def _dcp_save(state: dict, path: Path, distributed: bool) -> None:
+def _dcp_save(state: dict, path: Path, distributed: bool, asynchronous: bool = False, group=None):
+    """dcp.save; asynchronous: dcp.async_save, which copies the state to CPU memory before it returns and writes it
+    in a background thread (collectives on `group`); returns its future (None when synchronous)."""
     import torch.distributed.checkpoint as dcp
 
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
         warnings.filterwarnings("ignore", message=".*single process")
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(path)), no_dist=not distributed)
+        writer = dcp.FileSystemWriter(str(path))
+        if asynchronous:
+            return dcp.async_save(state, storage_writer=writer, process_group=group, no_dist=not distributed)
+        dcp.save(state, storage_writer=writer, no_dist=not distributed)
+        return None
 
 
 def _dcp_load(state: dict, path: Any, distributed: bool) -> None:
@@ -364,19 +372,47 @@ def fault_point(name: str) -> None:
 
 
 def save_checkpoint(save_dir: str | os.PathLike, epoch: int, model: nn.Module | Mapping[str, torch.Tensor],
-                    optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None, *,
-                    global_step: int = 0, best_metric: float | None = None, config_hash: str | None = None,
-                    metrics: list | None = None, extra: Mapping[str, Any] | None = None, rank: int = 0,
-                    world_size: int = 1, barrier: Callable[[], None] | None = None,
-                    model_files: Callable[[Path], None] | None = None, trainable_only: bool = False,
-                    log: Callable[[str], None] | None = print) -> Path:
+                    optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None, **kwargs) -> Path:
     """Write `save_dir/checkpoint_{epoch}` atomically; every rank calls it, all return its path.
 
     `model`: the model (plain, DDP or FSDP2: every rank writes its own shards) or a full state dict (written by rank
     0 alone). `optimizer`: its state is saved keyed by parameter name (needs `model` to be the module). `scheduler`:
-    anything with `state_dict()`. `barrier` defaults to `torch.distributed.barrier` when world_size > 1.
-    `model_files(dir)` writes what makes the checkpoint usable on its own (tokenizer, model config:
-    `save_model_files`), on rank 0. `trainable_only`: save only parameters that train (LoRA). Returns the final path.
+    anything with `state_dict()`. Keyword arguments: those of `start_checkpoint`.
+    """
+    return start_checkpoint(save_dir, epoch, model, optimizer, scheduler, **kwargs).wait()
+
+
+class PendingCheckpoint:
+    """A checkpoint whose shards may still be being written. `wait()` (every rank, at the same point) waits for the
+    writes, then marks the checkpoint COMPLETE and gives it its final name; it returns the final path."""
+
+    def __init__(self, path: Path, finish: Callable[[], None]):
+        self.path, self._finish = path, finish
+
+    def wait(self) -> Path:
+        if self._finish is not None:
+            finish, self._finish = self._finish, None
+            finish()
+        return self.path
+
+
+def start_checkpoint(save_dir: str | os.PathLike, epoch: int, model: nn.Module | Mapping[str, torch.Tensor],
+                     optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None, *,
+                     global_step: int = 0, best_metric: float | None = None, config_hash: str | None = None,
+                     metrics: list | None = None, extra: Mapping[str, Any] | None = None, rank: int = 0,
+                     world_size: int = 1, barrier: Callable[[], None] | None = None,
+                     model_files: Callable[[Path], None] | None = None, trainable_only: bool = False,
+                     asynchronous: bool = False, group=None,
+                     log: Callable[[str], None] | None = print) -> PendingCheckpoint:
+    """Begin writing `save_dir/checkpoint_{epoch}` (see `save_checkpoint`); every rank calls it.
+
+    `barrier` defaults to `torch.distributed.barrier` when world_size > 1. `model_files(dir)` writes what makes the
+    checkpoint usable on its own (tokenizer, model config: `save_model_files`), on rank 0. `trainable_only`: save
+    only parameters that train (LoRA). `asynchronous` (async_checkpoint): the model and optimizer shards are copied
+    to CPU memory before this returns, so training may go on and change them, and written to disk in the background;
+    with several processes their collectives run on `group` (a process group of their own, e.g. Gloo, so that they
+    never interleave with training's). Until `wait()` the checkpoint is a `.tmp-` directory without COMPLETE, which
+    nothing resumes from.
     """
     save_dir = Path(save_dir)
     barrier = barrier or _default_barrier(world_size)
@@ -395,10 +431,12 @@ def save_checkpoint(save_dir: str | os.PathLike, epoch: int, model: nn.Module | 
 
     # Every rank: its shards of the model and optimizer, and its RNG state. Rank 0: everything shared.
     distributed = world_size > 1 and _distributed()
+    writes = []  # futures of the asynchronous DCP writes
     if module is not None:
-        _dcp_save(sharded_model_state_dict(module, trainable_only), tmp / MODEL_DIR, distributed)
+        writes.append(_dcp_save(sharded_model_state_dict(module, trainable_only), tmp / MODEL_DIR, distributed,
+                                asynchronous, group))
     elif rank == 0:
-        _dcp_save(backbone_keys(model), tmp / MODEL_DIR, distributed=False)
+        writes.append(_dcp_save(backbone_keys(model), tmp / MODEL_DIR, False, asynchronous))
     if optimizer is not None:
         if optimizer.state:
             from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -406,7 +444,7 @@ def save_checkpoint(save_dir: str | os.PathLike, epoch: int, model: nn.Module | 
             if module is None:
                 raise ValueError("saving the optimizer needs the model (its parameter names), not a state dict")
             state = get_optimizer_state_dict(module, optimizer, options=_optimizer_options())
-            _dcp_save(state, tmp / OPTIMIZER_DIR, distributed)
+            writes.append(_dcp_save(state, tmp / OPTIMIZER_DIR, distributed, asynchronous, group))
         elif rank == 0:
             # Not stepped yet: torch's state-dict API would first initialise it with a zero step, which changes
             # later Adam updates. Its hyperparameters are all there is.
@@ -424,9 +462,20 @@ def save_checkpoint(save_dir: str | os.PathLike, epoch: int, model: nn.Module | 
                     "trainable_only": trainable_only, "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
                     **dict(extra or {})}
         _write_json(progress, tmp / PROGRESS_FILE)
+    return PendingCheckpoint(final, lambda: _finish_checkpoint(tmp, final, epoch, writes, rank, world_size,
+                                                               barrier, log))
+
+
+def _finish_checkpoint(tmp: Path, final: Path, epoch: int, writes: list, rank: int, world_size: int,
+                       barrier: Callable[[], None], log: Callable[[str], None] | None) -> None:
+    """Wait for this rank's writes, then (rank 0, once every rank is done) COMPLETE and the rename."""
+    for future in writes:
+        if future is not None:
+            future.result()  # raises what the background write raised
     barrier()
 
     if rank == 0:
+        save_dir = final.parent
         files = _file_sizes(tmp)
         missing = [f"rng_rank{r}.pt" for r in range(world_size) if f"rng_rank{r}.pt" not in files]
         if missing:
@@ -441,7 +490,6 @@ def save_checkpoint(save_dir: str | os.PathLike, epoch: int, model: nn.Module | 
         os.rename(tmp, final)
         _fsync_dir(save_dir)
     barrier()
-    return final
 
 
 def _file_sizes(path: Path) -> dict[str, int]:

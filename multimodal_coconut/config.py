@@ -199,6 +199,9 @@ class Config:
     """Resumable checkpoints kept: the newest N (0 = all) and the best one; older ones are deleted after a new one is complete."""
     weights_only_checkpoints: bool = False
     """Instead of deleting checkpoints beyond keep_checkpoints, keep their model weights (no optimizer state)."""
+    async_checkpoint: bool = False
+    """Write checkpoints in the background (torch DCP async_save): training waits only while its shards are copied to
+    CPU memory, and the checkpoint is completed before the next one starts or the run ends."""
 
     # --- LoRA (peft) ---
     lora_r: int = 0
@@ -503,7 +506,7 @@ RESUME_SAFE_KEYS = frozenset({
     "name", "save_path", "resume", "load_model_path", "num_epochs", "only_eval", "num_workers",
     "gradient_checkpointing", "save_only_improve", "eval_batch_size", "max_new_tokens", "eval_every_epoch", "num_examples_to_print",
     "max_val_samples", "test_path", "tensorboard", "wandb", "project", "log_every", "export_hf", "allow_config_change",
-    "builtin_regenerate", "distributed", "keep_checkpoints", "weights_only_checkpoints",
+    "builtin_regenerate", "distributed", "keep_checkpoints", "weights_only_checkpoints", "async_checkpoint",
 })
 
 

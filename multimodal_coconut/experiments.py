@@ -14,6 +14,12 @@ Rows, as config keys on top of --config (the original Coconut's flags; `curricul
     w/o thought        coconut, no_thoughts: true    the curriculum removes steps and puts nothing in their place
     Pause as thought   coconut: false                the curriculum's layout; a thought is a learned <|latent|> token
 
+As in the paper (and the original repository's recipe: train CoT, then set its checkpoint as Coconut's
+load_model_path with `resume` skipping stage 0), every row but No-CoT starts from a CoT model: per seed, a run
+cot_warmup_seed{S} trains CoT for --cot-warmup epochs; the other rows load its last checkpoint with
+resume=epochs_per_stage (stage 0 done) and train the remaining num_epochs - epochs_per_stage epochs. No-CoT trains
+from the backbone for as many epochs in all (warm-up + the rest). --cot-warmup 0 trains every row from the backbone.
+
 Each run is run.py's code path in a child process (`cli.main`), in DIR/runs/{row}_seed{S}/, logging to train.log
 there. A run whose metrics.jsonl holds all its epochs is reused; an unfinished one resumes from its newest
 checkpoint. Each finished run's newest checkpoint is then answered once more by `inference.evaluate_trained` (the
@@ -45,14 +51,16 @@ ROWS = [  # (key, name in the table, config overrides)
     ("no_thought", "w/o thought", ["coconut=true", "no_thoughts=true"]),
     ("pause", "Pause as thought", ["coconut=false"]),
 ]
-# The table's setting on the built-in set: the demo's model and data, fewer questions and one stage per epoch
-# (every step a thought in the last epoch): 200 steps per run, estimated ~1 hour for 3 seeds x 6 rows on 2 free CPU
-# cores (unmeasured: on the shared machine one seed took 55 minutes, docs/results.md).
-FULL = ["builtin_train_size=640", "builtin_val_size=64", "epochs_per_stage=1", "max_latent_stage=3",
+# The table's setting on the built-in set: the demo's model and data, 1,600 questions, 3 epochs (300 steps) of CoT
+# warm-up, then one epoch per stage up to stage 4 (every step a thought): 400 steps per row after the warm-up.
+FULL = ["builtin_train_size=1600", "builtin_val_size=100", "epochs_per_stage=1", "max_latent_stage=3",
         "num_epochs=5", "max_new_tokens=48"]
+FULL_WARMUP = 3
 # --quick: every row and file, in about 2 minutes (tests)
 QUICK = ["builtin_train_size=32", "builtin_val_size=8", "batch_size_training=8", "epochs_per_stage=1",
          "max_latent_stage=1", "num_epochs=2", "max_new_tokens=24", "num_examples_to_print=0"]
+QUICK_WARMUP = 1
+WARMUP_ROW = ["coconut=false", "cot=true"]
 RUN_CODE = "import sys; from multimodal_coconut.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
@@ -179,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a tiny setting (one seed unless --seeds): ~2 minutes")
     p.add_argument("--rows", nargs="+", choices=[k for k, _, _ in ROWS], help="a subset of the rows")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
+    p.add_argument("--cot-warmup", type=int, metavar="EPOCHS",
+                   help="epochs of CoT that every row but No-CoT starts from; 0: every row from the backbone "
+                        f"(default: {FULL_WARMUP} on the built-in set, {QUICK_WARMUP} with --quick, else 0)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: write the results of the runs already finished (rows and seeds that have one)")
@@ -197,24 +208,45 @@ def main(argv: list[str] | None = None) -> int:
 
         generate_builtin(args.out / "data", {"train": cfg.builtin_train_size, "val": cfg.builtin_val_size},
                          seed=cfg.builtin_seed)
-    jobs, dirs = [], {}
+    warmup = args.cot_warmup
+    if warmup is None:
+        warmup = 0 if cfg.dataset != "builtin" else (QUICK_WARMUP if args.quick else FULL_WARMUP)
+    if warmup < 0:
+        raise SystemExit(f"--cot-warmup must be >= 0, got {warmup}")
+    first, then, dirs = [], [], {}  # warm-ups and runs from the backbone first; runs from a warm-up after them
     for seed in seeds:
+        start = {}
+        if warmup:
+            name = f"cot_warmup_seed{seed}"
+            overrides = run_overrides(args.out, base_cfg, WARMUP_ROW, seed, base) + [f"num_epochs={warmup}",
+                                                                                     f"name={name}"]
+            run_dir = Path(load_config(args.config, overrides).save_path) / name
+            if not finished(run_dir, warmup):
+                first.append((name, run_dir, overrides))
+            start = {"from_warmup": [f"load_model_path={run_dir / f'checkpoint_{warmup}'}",
+                                     f"resume={cfg.epochs_per_stage}"],
+                     "no_cot": [f"num_epochs={cfg.num_epochs - cfg.epochs_per_stage + warmup}"]}
         for key, _, row in rows:
             name = f"{key}_seed{seed}"
-            overrides = run_overrides(args.out, base_cfg, row, seed, base) + [f"name={name}"]
-            run_cfg = load_config(args.config, overrides)  # every run's config is checked before any trains
+            extra = start.get("no_cot" if key == "no_cot" else "from_warmup", [])
+            overrides = run_overrides(args.out, base_cfg, row, seed, base) + extra + [f"name={name}"]
+            # every run's config is checked before any trains (a warm-up checkpoint is made by the first phase)
+            run_cfg = load_config(args.config, overrides, check_paths=not extra or key == "no_cot")
             run_dir = Path(run_cfg.save_path) / run_cfg.name
             dirs[(key, seed)] = run_dir
             if not finished(run_dir, run_cfg.num_epochs):
-                jobs.append((name, run_dir, overrides))
-    print(f"{len(dirs)} runs, {len(dirs) - len(jobs)} already finished", flush=True)
+                (then if warmup and key != "no_cot" else first).append((name, run_dir, overrides))
+    jobs = first + then
+    print(f"{len(dirs)} runs, {len(dirs) - len([j for j in jobs if not j[0].startswith('cot_warmup')])} already "
+          f"finished" + (f"; every row but No-CoT starts from {warmup} epochs of CoT" if warmup else ""), flush=True)
     if args.report_only:
         for name, run_dir, _ in jobs:
             dirs = {k: d for k, d in dirs.items() if d != run_dir}
         if not dirs:
             raise SystemExit("--report-only: no finished run")
     else:
-        train_runs(jobs, args.config, args.jobs)
+        train_runs(first, args.config, args.jobs)
+        train_runs(then, args.config, args.jobs)
 
     runs: dict[str, dict[int, dict]] = {}
     for (key, seed), run_dir in dirs.items():
@@ -222,7 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     table = summarise(runs)
     setting = (f"config {args.config} with {' '.join(base) or 'no overrides'}: {cfg.num_epochs} epochs, "
                f"{cfg.epochs_per_stage} per stage, max_latent_stage {cfg.max_latent_stage}, c_thought {cfg.c_thought}")
-    results = {"setting": setting, "config": args.config, "overrides": base,
+    if warmup:
+        setting += (f"; every row but No-CoT starts from {warmup} epochs of CoT (its stage 0) and trains "
+                    f"{cfg.num_epochs - cfg.epochs_per_stage} more; No-CoT trains {cfg.num_epochs - cfg.epochs_per_stage + warmup} "
+                    "from the backbone")
+    results = {"setting": setting, "config": args.config, "overrides": base, "cot_warmup": warmup,
                "seeds": sorted({s for _, s in dirs}), "rows": table,
                "runs": {k: {str(s): r for s, r in v.items()} for k, v in runs.items()}}
     (args.out / "results.json").write_text(json.dumps(results, indent=1))

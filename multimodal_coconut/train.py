@@ -252,6 +252,20 @@ def fit(cfg: Config, env) -> list[dict]:
     micro_batches = math.ceil(len(train_set or []) / (cfg.batch_size_training * env.world_size))  # the sampler's
     total_steps = steps_per_epoch(micro_batches, cfg.gradient_accumulation_steps) * cfg.num_epochs
 
+    # async_checkpoint: checkpoints are written in the background, with collectives on a Gloo group of their own.
+    checkpoint_group = torch.distributed.new_group(backend="gloo") if cfg.async_checkpoint and env.world_size > 1 \
+        else None
+    pending = None  # the checkpoint being written
+
+    def finish():
+        """Complete the checkpoint being written, then keep_checkpoints."""
+        nonlocal pending
+        if pending is not None:
+            path, pending = pending.wait(), None
+            log(env, f"saved {path}")
+            if env.master:
+                ckpt.retain(run_dir, cfg.keep_checkpoints, cfg.weights_only_checkpoints, log=lambda m: log(env, m))
+
     for epoch in [cfg.resume] if cfg.only_eval else range(state["epoch"], cfg.num_epochs):
         stage = stage_for_epoch(epoch, mode, cfg.epochs_per_stage)
         gen_cfg = generation_config(cfg, train_set or val_gen_set, stage) if train_set or val_gen_set else cfg
@@ -285,22 +299,23 @@ def fit(cfg: Config, env) -> list[dict]:
         if improved:
             state["best_metric"] = target
         if not cfg.debug and (improved or not cfg.save_only_improve):
+            finish()  # async_checkpoint: the previous checkpoint is complete before the next one starts
             info = model_info(gen_cfg, stage, epoch + 1)  # the generation length used, for load_trained
-            path = ckpt.save_checkpoint(
+            pending = ckpt.start_checkpoint(
                 run_dir, epoch + 1, wrapped, optimizer, global_step=state["global_step"],
                 best_metric=state["best_metric"], metrics=state["metrics"], rank=env.rank,
                 world_size=env.world_size, barrier=distributed.barrier, log=lambda m: log(env, m),
                 model_files=lambda d: ckpt.save_model_files(d, model.base_model, backbone.tokenizer,
                                                             backbone.image_processor, info),
-                trainable_only=cfg.lora_r > 0)
-            log(env, f"saved {path}")
-            if env.master:
-                ckpt.retain(run_dir, cfg.keep_checkpoints, cfg.weights_only_checkpoints, log=lambda m: log(env, m))
+                trainable_only=cfg.lora_r > 0, asynchronous=cfg.async_checkpoint, group=checkpoint_group)
+            if not cfg.async_checkpoint:
+                finish()
         _append_metrics(run_dir, metrics, env)
         log(env, _format_metrics(metrics))
         if env.master:
             _log_step(cfg, state["global_step"], {f"eval/{k}": v for k, v in metrics.items()})
 
+    finish()
     if test_samples:
         stage = stage_for_epoch(max(state["epoch"] - 1, 0), mode, cfg.epochs_per_stage)
         test_set = CoconutDataset(test_samples, stage=stage, train=False, epoch=0, **build)

@@ -30,6 +30,12 @@ EVALUATE = "tests/test_evaluate.py"
 MUTATIONS = {
     "stage0": ("multimodal_coconut/train.py", "train_set.with_stage(stage, seed=cfg.seed, epoch=epoch)",
                "train_set.with_stage(0, seed=cfg.seed, epoch=epoch)", [TRAINER, "-k", "test_training_and_validation"]),
+    "uniform_prob_ignored": ("multimodal_coconut/curriculum.py", "if rng.random() < mode.uniform_prob else stage",
+                             "if rng.random() < 0 else stage", [TRAINER, "-k", "test_uniform_prob"]),
+    "uniform_prob_always": ("multimodal_coconut/curriculum.py", "if rng.random() < mode.uniform_prob else stage",
+                            "if rng.random() < 1 else stage", [TRAINER, "-k", "test_uniform_prob"]),
+    "uniform_draws_past_steps": ("multimodal_coconut/curriculum.py", "rng.choice(range(n + 1))",
+                                 "rng.choice(range(mode.max_latent_stage + 2))", [TRAINER, "-k", "test_uniform_prob"]),
     "val_prompts_stage0": ("multimodal_coconut/train.py", "val_gen_set.with_stage(stage, seed=cfg.seed, epoch=epoch)",
                            "val_gen_set.with_stage(0, seed=cfg.seed, epoch=epoch)",
                            [TRAINER, "-k", "test_training_and_validation"]),

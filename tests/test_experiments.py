@@ -16,7 +16,7 @@ TINY = ["builtin_train_size=16", "builtin_val_size=4", "batch_size_training=4"]
 def table(tmp_path_factory):
     out = tmp_path_factory.mktemp("table")
     assert experiments.main(["--out", str(out), "--quick", "--config", str(ROOT / "args/demo.yaml"),
-                             "--set", *TINY]) == 0
+                             "--jobs", "2", "--set", *TINY]) == 0
     return out
 
 
@@ -29,12 +29,18 @@ def test_quick_table_has_every_row_and_file(table, capsys):
         run = results["runs"][key]["0"]
         # The runner's own answering of the final checkpoint equals the run's last evaluation.
         assert run["mc_accuracy"] == run["train_mc_accuracy"]
-        assert len(run["curve"]) == 2
+        # --quick: 1 epoch of CoT warm-up, then every row but No-CoT resumes at epoch 2 from its checkpoint;
+        # No-CoT trains both epochs from the backbone
+        assert [m["epoch"] for m in run["curve"]] == ([1, 2] if key == "no_cot" else [2])
+        cfg = (table / "runs" / f"{key}_seed0" / "config.yaml").read_text()
+        warm = table / "runs" / "cot_warmup_seed0" / "checkpoint_1"
+        assert (f"load_model_path: {warm}" in cfg and "resume: 1" in cfg) == (key != "no_cot")
     rows = results["rows"]
     assert rows["no_cot"]["thoughts"] == rows["cot"]["thoughts"] == rows["no_thought"]["thoughts"] == 0
     assert rows["coconut"]["thoughts"] == rows["pause"]["thoughts"] == 1  # stage 1: one thought per question
     assert rows["no_curriculum"]["thoughts"] >= 1  # the last stage from the first epoch
-    assert [m["stage"] for m in results["runs"]["no_curriculum"]["0"]["curve"]] == [2, 2]
+    assert [m["stage"] for m in results["runs"]["no_curriculum"]["0"]["curve"]] == [2]
+    assert results["cot_warmup"] == 1 and "starts from 1 epochs of CoT" in results["setting"]
     for name in ("results.md", "results.png"):
         assert (table / name).stat().st_size > 0
     md = (table / "results.md").read_text()

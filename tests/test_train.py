@@ -121,11 +121,13 @@ def test_resume_with_a_changed_config_is_refused_unless_safe_or_allowed(referenc
     assert "resuming from" in capsys.readouterr().out  # 4 epochs are done: nothing left to train
 
 
-@pytest.mark.parametrize("fault", ["train_step:9", "checkpoint_write:2"])
-def test_sigkill_then_rerun_ends_like_an_uninterrupted_run(fault, reference_run, data_dir, tmp_path):
-    """SIGKILL inside epoch 2 (at optimizer step 9) or while checkpoint_2 is being written; the same command again
-    resumes from the newest complete checkpoint and ends with the uninterrupted run's metrics."""
-    args = overrides(data_dir, tmp_path)
+@pytest.mark.parametrize("fault, asynchronous", [("train_step:9", False), ("checkpoint_write:2", False),
+                                                 ("checkpoint_write:2", True)])
+def test_sigkill_then_rerun_ends_like_an_uninterrupted_run(fault, asynchronous, reference_run, data_dir, tmp_path):
+    """SIGKILL inside epoch 2 (at optimizer step 9) or while checkpoint_2 is being written (with async_checkpoint:
+    while its shards are written in the background); the same command again resumes from the newest complete
+    checkpoint and ends with the uninterrupted (synchronous) run's metrics."""
+    args = overrides(data_dir, tmp_path, async_checkpoint=asynchronous)
     killed = run_cli(args, {"MMC_FAULT": fault}, check=False)
     assert killed.returncode == -9, killed.stderr[-2000:]
     run = tmp_path / "run"
@@ -141,7 +143,9 @@ def test_sigkill_then_rerun_ends_like_an_uninterrupted_run(fault, reference_run,
 def test_two_processes_equal_one(strategy, data_dir, tmp_path):
     """torchrun with 2 CPU processes (gloo) and batch 4 each = one process with batch 8: same losses."""
     one = overrides(data_dir, tmp_path / "one", num_epochs=2, batch_size_training=8)
-    two = overrides(data_dir, tmp_path / "two", num_epochs=2, batch_size_training=4, distributed=strategy)
+    # the 2-process FSDP run writes its checkpoints in the background (async_checkpoint, collectives on a Gloo group)
+    two = overrides(data_dir, tmp_path / "two", num_epochs=2, batch_size_training=4, distributed=strategy,
+                    async_checkpoint=strategy == "fsdp")
     assert main([DEMO, *one]) == 0
     run_cli(two, launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", str(29500 + os.getpid() % 1000)])
@@ -151,6 +155,8 @@ def test_two_processes_equal_one(strategy, data_dir, tmp_path):
         assert ma["train_loss"] == pytest.approx(mb["train_loss"], rel=1e-4, abs=1e-5)
         assert ma["val_loss"] == pytest.approx(mb["val_loss"], rel=1e-4, abs=1e-5)
     assert (tmp_path / "two" / "run" / "checkpoint_2" / "rng_rank1.pt").exists()
+    assert (tmp_path / "two" / "run" / "checkpoint_2" / "COMPLETE").exists()
+    assert not list((tmp_path / "two" / "run").glob("*.tmp-*"))
 
 
 def test_first_torchrun_on_an_empty_model_cache_then_one_process(data_dir, tmp_path, monkeypatch):

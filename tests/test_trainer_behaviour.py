@@ -267,6 +267,52 @@ def test_training_and_validation_batches_follow_the_curriculum(spy_run, data):
     assert all(not r.get("steps") for r in test)
 
 
+UNIFORM_EPOCHS, UNIFORM_PROB = 4, 0.5
+
+
+@pytest.fixture(scope="module")
+def uniform_run(data, tmp_path_factory):
+    """4 epochs, all at stage 0 (epochs_per_stage 10), with uniform_prob 0.5; evaluation only at the end, on one
+    question (generation is the echo stub)."""
+    data_dir, _ = data
+    save = tmp_path_factory.mktemp("uniform")
+    with spying(Spy(stub_generate=True)) as spy:
+        assert main(overrides(data_dir, save, num_epochs=UNIFORM_EPOCHS, epochs_per_stage=10, uniform_prob=UNIFORM_PROB,
+                              eval_every_epoch="false", max_val_samples=1, debug="true")) == 0
+    return spy
+
+
+def test_uniform_prob_draws_a_stage_per_training_sample(uniform_run, data):
+    """With probability uniform_prob a training sample takes a stage drawn uniformly from 0..its number of steps
+    (the original's get_cot_latent_dataset), else the scheduled one (0 here); validation always the scheduled one."""
+    spy = uniform_run
+    _, records = data
+    latent = spy.tokenizer.convert_tokens_to_ids("<|latent|>")
+    training_batches = spy.of("train")  # no evaluation between epochs: STEPS_PER_EPOCH batches each
+    assert len(training_batches) == UNIFORM_EPOCHS * STEPS_PER_EPOCH
+    drawn, expected, per_epoch = 0, 0.0, []
+    for epoch in range(UNIFORM_EPOCHS):
+        training = training_batches[epoch * STEPS_PER_EPOCH:(epoch + 1) * STEPS_PER_EPOCH]
+        counts = {}
+        for r in training:
+            for i, got in zip(r["idx"], (r["input_ids"] == latent).sum(1).tolist()):
+                n = len(records["train"][i]["steps"])
+                assert got in {train_thoughts(stage, n) for stage in range(n + 1)}, (i, n, got)
+                counts[i] = got
+                drawn += got > 0
+                expected += UNIFORM_PROB * n / (n + 1)  # P(a draw, and not stage 0)
+        assert sorted(counts) == list(range(N_TRAIN))
+        per_epoch.append(counts)
+    assert spy.of("val_loss")
+    for r in spy.of("val_loss"):
+        assert not (r["input_ids"] == latent).any()  # validation: the scheduled stage 0
+    # 64 draws: the count is within 3.3 standard deviations of its expectation (about 21 of 64; always drawing
+    # would give about 43, never drawing 0), and the draws differ between epochs.
+    sd = math.sqrt(expected * (1 - expected / (N_TRAIN * UNIFORM_EPOCHS)))
+    assert abs(drawn - expected) < 3.3 * sd, (drawn, expected)
+    assert len({tuple(sorted(c.items())) for c in per_epoch}) > 1
+
+
 def training_order(spy, epoch):
     return [i for r in spy.epochs()[epoch][0] for i in r["idx"]]
 
