@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set up and run the test suite (CPU, tiny models, about 10 minutes on 2 cores). Extra arguments go to pytest.
+# Set up and run the whole test suite, slow tests included (CPU, tiny models, about 10 minutes on 2 cores; CI runs
+# this). Extra arguments go to pytest. Without --runslow, `pytest` alone skips the slow ones (about 5 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev
 . .venv/bin/activate
-python -m pytest tests "$@"
+python -m pytest tests --runslow "$@"

@@ -12,6 +12,28 @@ os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="hf_modules_")
 torch.set_num_threads(2)
 
 
+# --- slow tests: multi-process (torchrun) and whole-pipeline runs, minutes on 2 cores --------------------------------
+# `pytest` runs the rest (about 5 minutes); `pytest --runslow` (scripts/test.sh, CI) runs everything.
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true",
+                     help="also run the tests marked slow (torchrun pairs, the experiment table, the browser)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a multi-process or whole-pipeline run; skipped without --runslow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow (scripts/test.sh and CI do)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _model_cache(tmp_path_factory):
     os.environ["MMC_CACHE"] = str(tmp_path_factory.mktemp("mmc_cache"))

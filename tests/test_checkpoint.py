@@ -256,6 +256,7 @@ def _two_rank_worker(rank, world_size, init_file, save_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_fsdp2(tmp_path):
     mp.spawn(_two_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "run")), nprocs=2)
     path = tmp_path / "run" / "checkpoint_1"

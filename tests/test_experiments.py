@@ -8,6 +8,8 @@ import pytest
 
 from multimodal_coconut import analyze, experiments, plot
 
+pytestmark = pytest.mark.slow  # the table trains 7 runs
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["builtin_train_size=16", "builtin_val_size=4", "batch_size_training=4"]
 

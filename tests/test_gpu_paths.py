@@ -43,6 +43,7 @@ def torchrun_shim(args, timeout=900):
     return proc
 
 
+@pytest.mark.slow
 def test_ddp_under_nccl_rules_with_save_only_improve(data_dir, tmp_path):
     """DDP, 2 processes, a whole training run with evaluation every epoch, under a process group that takes only
     the tensors NCCL-on-GPU takes; save_only_improve decides on rank 0's score and every rank must follow it."""
@@ -59,6 +60,7 @@ def test_ddp_under_nccl_rules_with_save_only_improve(data_dir, tmp_path):
     assert saved == improved
 
 
+@pytest.mark.slow
 def test_fsdp_on_the_original_format_two_processes_equal_one(data_dir, tmp_path):
     """FSDP2 over the original-format InternVL (whose _no_split_modules names a tower and the layers inside it),
     2 processes with batch 4 = 1 process with batch 8, under the NCCL-like shim."""

@@ -256,6 +256,7 @@ def test_jsonl_with_images_and_text_rows_trains_on_tiny_internvl(tmp_path):
     assert metrics["accuracy"] is not None and metrics["n_eval"] == 4 and "cot_accuracy" not in metrics
 
 
+@pytest.mark.slow
 def test_text_model_two_processes_equal_one(prosqa_run, tmp_path):
     """torchrun with 2 CPU processes (gloo) and batch 4 each = one process with batch 8 (the first epoch of the
     prosqa run), on the text-only tiny-text Qwen2."""

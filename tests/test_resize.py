@@ -52,6 +52,7 @@ def assert_same_losses(got, expected):
         assert a["val_loss"] == pytest.approx(b["val_loss"], **TOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first, second", [("fsdp2", "one"), ("one", "fsdp2"), ("ddp2", "fsdp2")])
 def test_resume_on_another_number_of_processes(first, second, data_dir, tmp_path, reference):
     def launch(kind, epochs):
@@ -92,6 +93,7 @@ def test_keep_checkpoints_after_six_epochs(data_dir, tmp_path):
     assert sorted(e for e, _ in list_checkpoints(tmp_path / "b" / "run", log=None)) == sorted({5, 6, best})
 
 
+@pytest.mark.slow
 def test_lora_two_fsdp_processes_equal_one(data_dir, tmp_path):
     """LoRA under FSDP2 (adapters and token rows sharded with their layers): 2 x 4 = 1 x 8, and the checkpoint holds
     only what trains, the merged export loads as a plain model, and the 2-process LoRA run resumes on 1 process."""

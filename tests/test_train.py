@@ -139,6 +139,7 @@ def test_sigkill_then_rerun_ends_like_an_uninterrupted_run(fault, asynchronous, 
     assert without_timing(read_metrics(run)) == without_timing(read_metrics(reference_run))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_equal_one(strategy, data_dir, tmp_path):
     """torchrun with 2 CPU processes (gloo) and batch 4 each = one process with batch 8: same losses."""
@@ -159,6 +160,7 @@ def test_two_processes_equal_one(strategy, data_dir, tmp_path):
     assert not list((tmp_path / "two" / "run").glob("*.tmp-*"))
 
 
+@pytest.mark.slow
 def test_first_torchrun_on_an_empty_model_cache_then_one_process(data_dir, tmp_path, monkeypatch):
     """An empty MMC_CACHE: torchrun with 2 processes builds the tiny model once (rank 0; transformers saves only
     there), then a single-process run uses the same cache entry."""

@@ -40,9 +40,9 @@ LR, WARMUP, WD = 1e-3, 3, 0.01  # WD: demo.yaml's weight_decay
 # --- references ------------------------------------------------------------------------------------------------
 
 
-def train_thoughts(stage, n_steps):
-    """Thoughts in a training sample (pad_latent_to_max false): k*c up to stage M, then one group per step, <= M."""
-    return C * (stage if stage <= M else min(n_steps, M))
+def train_thoughts(stage, n_steps, m=M):
+    """Thoughts in a training sample (pad_latent_to_max false): k*c up to stage m, then one group per step, <= m."""
+    return C * (stage if stage <= m else min(n_steps, m))
 
 
 def prompt_thoughts(stage, n_steps):
@@ -267,18 +267,19 @@ def test_training_and_validation_batches_follow_the_curriculum(spy_run, data):
     assert all(not r.get("steps") for r in test)
 
 
-UNIFORM_EPOCHS, UNIFORM_PROB = 4, 0.5
+UNIFORM_EPOCHS, UNIFORM_PROB, UNIFORM_M = 4, 0.5, 4  # max_latent_stage 4: every drawable stage has its own count
 
 
 @pytest.fixture(scope="module")
 def uniform_run(data, tmp_path_factory):
-    """4 epochs, all at stage 0 (epochs_per_stage 10), with uniform_prob 0.5; evaluation only at the end, on one
-    question (generation is the echo stub)."""
+    """4 epochs, all at stage 0 (epochs_per_stage 10), with uniform_prob 0.5 and max_latent_stage 4; evaluation
+    only at the end, on one question (generation is the echo stub)."""
     data_dir, _ = data
     save = tmp_path_factory.mktemp("uniform")
     with spying(Spy(stub_generate=True)) as spy:
         assert main(overrides(data_dir, save, num_epochs=UNIFORM_EPOCHS, epochs_per_stage=10, uniform_prob=UNIFORM_PROB,
-                              eval_every_epoch="false", max_val_samples=1, debug="true")) == 0
+                              max_latent_stage=UNIFORM_M, eval_every_epoch="false", max_val_samples=1,
+                              debug="true")) == 0
     return spy
 
 
@@ -297,7 +298,7 @@ def test_uniform_prob_draws_a_stage_per_training_sample(uniform_run, data):
         for r in training:
             for i, got in zip(r["idx"], (r["input_ids"] == latent).sum(1).tolist()):
                 n = len(records["train"][i]["steps"])
-                assert got in {train_thoughts(stage, n) for stage in range(n + 1)}, (i, n, got)
+                assert got in {train_thoughts(stage, n, UNIFORM_M) for stage in range(n + 1)}, (i, n, got)
                 counts[i] = got
                 drawn += got > 0
                 expected += UNIFORM_PROB * n / (n + 1)  # P(a draw, and not stage 0)
@@ -505,6 +506,7 @@ def run_cli(args, launcher):
     assert proc.returncode == 0, f"{cmd} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
 
+@pytest.mark.slow
 def test_only_eval_loads_weights_and_two_processes_predict_as_one(only_eval_runs, accumulation_run, data):
     spies, save = only_eval_runs
     trained = accumulation_run[0].model.state_dict()

@@ -228,6 +228,7 @@ def chromium():
 
 
 @pytest.mark.skipif(chromium() is None, reason="Chromium and chromedriver are not installed (CI installs them)")
+@pytest.mark.slow
 def test_browser_uploads_an_image_asks_and_sees_answer_and_thoughts(server, data_dir, val_records,
                                                                      run_predictions):
     pytest.importorskip("selenium")
