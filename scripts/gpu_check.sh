@@ -7,7 +7,7 @@
 #
 # 1-4. torchrun with NCCL, bf16: two epochs (stage 0, then stage 1 with latents) each with an evaluation (batched
 #      generation), of the tiny InternVL and of the original-format stand-in (tests/internvl_chat_standin, remote
-#      code, as OpenGVLab/InternVL3-1B-Pretrained), under DDP and under FSDP2 (generation under FSDP included).
+#      code, as OpenGVLab/InternVL3-1B-Pretrained), under DDP and under FSDP2 (generation under FSDP included; the FSDP runs write their checkpoints with async_checkpoint).
 #      Every collective runs on NCCL, so a tensor on the wrong device fails here. With one process the model is not
 #      wrapped (distributed.wrap_model wraps for 2+ processes): DDP/FSDP themselves need NPROC=2 on 2 GPUs.
 # 5.   The speed and memory benchmark at InternVL3-1B's shapes (random weights), numbers to OUT_DIR/benchmark.json.
@@ -82,7 +82,8 @@ for model in tiny standin; do
         start=$SECONDS
         if step "$name: torchrun, $NPROC process(es), NCCL, bf16" "$OUT/$name.log" 240 \
             python -m torch.distributed.run --nnodes 1 --nproc_per_node "$NPROC" --master_port "$port" run.py \
-            args/demo.yaml name="$name" distributed="$strategy" "${MODEL[@]}" "${DATA[@]}" "${COMMON[@]}"; then
+            args/demo.yaml name="$name" distributed="$strategy" async_checkpoint=$([ "$strategy" = fsdp ] && echo true || echo false) \
+            "${MODEL[@]}" "${DATA[@]}" "${COMMON[@]}"; then
             # Both epochs trained (finite loss) and were evaluated (generation -> accuracy).
             detail=$(python - "$OUT/runs/$name/metrics.jsonl" 2>&1 <<'EOF'
 import json, math, sys
