@@ -114,10 +114,24 @@ def _internvl_config(tokenizer, vision: dict, text: dict, image_size: int, patch
     )
 
 
-def _image_processor(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+def image_processor_class():
+    """InternVL's tiling processor as `AutoImageProcessor` picks it: the torchvision one (`GotOcr2ImageProcessor`,
+    ~5x the samples/s of the PIL one per DataLoader worker, docs/benchmarks.md) when torchvision is installed, else
+    `GotOcr2ImageProcessorPil`. Their tiles agree to 0.04 after normalisation (resampling differs in the last bits of
+    a pixel: tests/test_data.py), so a model trained with one may be evaluated with the other."""
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
-    return GotOcr2ImageProcessorPil(
+        return GotOcr2ImageProcessorPil
+    from transformers.models.got_ocr2.image_processing_got_ocr2 import GotOcr2ImageProcessor
+
+    return GotOcr2ImageProcessor
+
+
+def _image_processor(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, cls=None):
+    return (cls or image_processor_class())(
         size={"height": image_size, "width": image_size},
         crop_to_patches=True,
         min_patches=1,

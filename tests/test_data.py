@@ -183,3 +183,35 @@ def test_open_image_without_image():
     s = Sample("q", None, "Why?", ["a"], 0, ["a"], False, [], "a", "train", "f.json", 0)
     with pytest.raises(DataError, match="f.json: question_id 'q': field 'image'"):
         open_image(s)
+
+
+def test_torchvision_and_pil_processors_make_the_same_tiles():
+    """The processor used when torchvision is installed (GotOcr2ImageProcessor) tiles as the PIL one: the same grid
+    (12 tiles of 448 px + thumbnail for a 640x480 photo) and pixel values within 0.04 after ImageNet normalisation
+    (about 2/255 of a pixel: the resampling filters differ in rounding). Runs where torchvision is installed (not on
+    CI's CPU-only torch 2.13, which has no matching torchvision wheel)."""
+    pytest.importorskip("torchvision")
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    from multimodal_coconut.backbone import _image_processor, image_processor_class
+    from multimodal_coconut.curriculum import image_tiles
+
+    assert image_processor_class().__name__ == "GotOcr2ImageProcessor"
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:480, 0:640] / 480.0
+    base = np.stack([np.sin(x * rng.uniform(1, 6) + rng.uniform(0, 6)) * np.cos(y * rng.uniform(1, 6))
+                     for _ in range(3)], -1)
+    pixels = (base * 90 + 128 + rng.normal(0, 18, (480, 640, 3))).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    image = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    # 640x480 at 448 px: a 4x3 grid + thumbnail; the built-in set's 64 px square at 64 px: one tile (no thumbnail)
+    for size, img, n_tiles in ((448, image, 13), (64, image.resize((64, 64)), 1)):
+        fast = image_tiles(img, _image_processor(size))
+        pil = image_tiles(img, _image_processor(size, cls=GotOcr2ImageProcessorPil))
+        assert fast.shape == pil.shape == (n_tiles, 3, size, size)
+        assert (fast - pil).abs().max() < 0.04, (size, float((fast - pil).abs().max()))
