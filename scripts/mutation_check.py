@@ -109,10 +109,13 @@ def check(name: str, tests: list[str] | None) -> tuple[str, str, float]:
         if source.count(old) != 1:
             return "stale", f"{file}: the text to mutate occurs {source.count(old)} times", 0.0
         (copy / file).write_text(source.replace(old, new))
-        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *(tests or default_tests)]
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--runslow",
+               *(tests or default_tests)]
         proc = subprocess.run(cmd, cwd=copy, capture_output=True, text=True,
                               env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
     failed = first_failure(proc.stdout)
+    if proc.returncode == 0 and " passed" not in proc.stdout:
+        return "error", "no selected test ran (all skipped or deselected)", time.time() - start
     if proc.returncode == 0:
         return "SURVIVED", "all selected tests passed", time.time() - start
     if failed is None:  # not a test failure: the copy did not even run (import error, bad selection...)
