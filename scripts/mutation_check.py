@@ -54,7 +54,7 @@ MUTATIONS = {
                [TRAINER, "-k", "test_learning_rate_of_every_step"]),
     "sampler_epoch": ("multimodal_coconut/train.py", "sampler.set_epoch(epoch)", "pass",
                       [TRAINER, "-k", "test_sample_order"]),
-    "qid_pairing": ("multimodal_coconut/train.py", 'zip(batch["idx"].tolist(), new)',
+    "qid_pairing": ("multimodal_coconut/inference.py", 'zip(batch["idx"].tolist(), new)',
                     'zip(batch["idx"].tolist()[::-1], new)', [TRAINER, "-k", "test_predictions_hold"]),
     "rank1_not_gathered": ("multimodal_coconut/train.py", "generated = gather_generations(generated)",
                            "generated = dict(generated)", [TRAINER, "-k", "test_only_eval_loads"]),
