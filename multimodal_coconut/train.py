@@ -274,9 +274,13 @@ def fit(cfg: Config, env) -> list[dict]:
         if not cfg.only_eval:
             if resets_optimizer(cfg, epoch):
                 optimizer = make_optimizer(wrapped, cfg)
-            train_loss, tokens_per_s = train_epoch(
-                wrapped, model, optimizer, train_set.with_stage(stage, seed=cfg.seed, epoch=epoch), collator,
-                cfg, env, epoch, stage, state, total_steps)
+            try:
+                train_loss, tokens_per_s = train_epoch(
+                    wrapped, model, optimizer, train_set.with_stage(stage, seed=cfg.seed, epoch=epoch), collator,
+                    cfg, env, epoch, stage, state, total_steps)
+            except FloatingPointError:  # raised on every rank at the same step (the loss is all-reduced)
+                finish()  # a checkpoint still being written holds the last good weights: complete it
+                raise
         metrics = {"epoch": epoch + 1, "stage": stage, "global_step": state["global_step"],
                    "train_loss": train_loss, "tokens_per_s": tokens_per_s}
         last = epoch == cfg.num_epochs - 1 or cfg.only_eval

@@ -43,7 +43,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="/tmp/ckpt_bench")
     parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--full-step", action="store_true",
+                        help="only measure the peak memory of one full AdamW step (every weight trains; ~17 GB)")
     a = parser.parse_args()
+    if a.full_step:
+        return full_step_peak()
     out = Path(a.out)
     shutil.rmtree(out, ignore_errors=True)
     torch.set_num_threads(2)
@@ -121,6 +125,25 @@ def main() -> None:
     print(f"| weights only, async_checkpoint | {weights_bytes / 2**30:.2f} GiB | training blocked {blocked:.1f}, "
           f"written after {async_total:.1f} | {weights_bytes / rows[0][1]:.2%} |")
     shutil.rmtree(out, ignore_errors=True)
+
+
+def full_step_peak() -> None:
+    """One AdamW step of the whole model on the same text batch as the LoRA step: weights + gradients + AdamW's two
+    moments (4 x 3.75 GB) plus activations."""
+    from multimodal_coconut import MultimodalCoconut, load_backbone
+
+    torch.set_num_threads(2)
+    bb = load_backbone("internvl3-1b-shape", image_size=448)
+    model = MultimodalCoconut(bb.model, bb.latent_id, bb.start_latent_id, bb.end_latent_id, bb.eos_token_id)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, 1000, (1, 256))
+    ids[ids == model.image_token_id] = bb.eos_token_id
+    ids[(ids == bb.latent_id) | (ids == bb.start_latent_id) | (ids == bb.end_latent_id)] = bb.eos_token_id
+    before = rss_gb()
+    t0 = time.time()
+    model(ids, torch.ones_like(ids), ids, torch.arange(256)[None]).loss.backward()
+    optimizer.step()
+    print(f"full step: {time.time() - t0:.1f} s, RSS {before:.1f} -> peak {peak_gb():.1f} GB", flush=True)
 
 
 if __name__ == "__main__":

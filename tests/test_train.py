@@ -201,6 +201,26 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(data_dir, tm
     assert not (tmp_path / "run" / "checkpoint_2").exists()
 
 
+def test_a_checkpoint_written_in_the_background_is_completed_when_the_loss_blows_up(data_dir, tmp_path, monkeypatch):
+    """async_checkpoint: checkpoint_1 is still being written while epoch 2 trains; a non-finite loss there stops the
+    run, and checkpoint_1 is completed first (it holds the last good weights)."""
+    from multimodal_coconut import train
+
+    epoch_of = train.train_epoch
+
+    def blows_up_in_epoch_2(*args):
+        if args[7] == 1:  # the epoch index
+            raise FloatingPointError("the loss is nan at epoch 2")
+        return epoch_of(*args)
+
+    monkeypatch.setattr(train, "train_epoch", blows_up_in_epoch_2)
+    with pytest.raises(FloatingPointError):
+        main([DEMO, *overrides(data_dir, tmp_path, num_epochs=2, async_checkpoint=True)])
+    run = tmp_path / "run"
+    assert (run / "checkpoint_1" / "COMPLETE").exists() and not list(run.glob("checkpoint_1.tmp-*"))
+    assert not (run / "checkpoint_2").exists()
+
+
 def test_gradient_checkpointing_keeps_the_latent_cache(tiny):
     """Activation checkpointing with the per-pass KV cache gives the same loss and gradients."""
     from helpers import collate, loss_and_grads, row_tokens
