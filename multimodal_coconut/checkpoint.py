@@ -3,8 +3,8 @@ processes under FSDP2, DDP or none, bounded on disk.
 
     path = save_checkpoint(run_dir, epoch + 1, model, optimizer, global_step=step, best_metric=best,
                            config_hash=config_hash(cfg.to_dict()), metrics=history, rank=rank, world_size=world_size)
-    pending = start_checkpoint(..., asynchronous=True, group=gloo_group)  # async_checkpoint: written in the
-    path = pending.wait()                                               # background until wait()
+    pending = start_checkpoint(..., asynchronous=True, groups=(g1, g2))  # async_checkpoint: written in the
+    path = pending.wait()                                                # background until wait()
     retain(run_dir, keep=2, weights_only=False)                         # rank 0, after the save: bounded disk
     latest = find_latest_checkpoint(run_dir)                            # None on a fresh run
     progress = load_checkpoint(latest, model, optimizer, rank=rank)     # every rank, any world size
@@ -402,16 +402,17 @@ def start_checkpoint(save_dir: str | os.PathLike, epoch: int, model: nn.Module |
                      metrics: list | None = None, extra: Mapping[str, Any] | None = None, rank: int = 0,
                      world_size: int = 1, barrier: Callable[[], None] | None = None,
                      model_files: Callable[[Path], None] | None = None, trainable_only: bool = False,
-                     asynchronous: bool = False, group=None,
+                     asynchronous: bool = False, groups: tuple | None = None,
                      log: Callable[[str], None] | None = print) -> PendingCheckpoint:
     """Begin writing `save_dir/checkpoint_{epoch}` (see `save_checkpoint`); every rank calls it.
 
     `barrier` defaults to `torch.distributed.barrier` when world_size > 1. `model_files(dir)` writes what makes the
     checkpoint usable on its own (tokenizer, model config: `save_model_files`), on rank 0. `trainable_only`: save
     only parameters that train (LoRA). `asynchronous` (async_checkpoint): the model and optimizer shards are copied
-    to CPU memory before this returns, so training may go on and change them, and written to disk in the background;
-    with several processes their collectives run on `group` (a process group of their own, e.g. Gloo, so that they
-    never interleave with training's). Until `wait()` the checkpoint is a `.tmp-` directory without COMPLETE, which
+    to CPU memory before this returns, so training may go on and change them, and written to disk in the background,
+    one thread for the model and one for the optimizer; with several processes each thread's collectives run on a
+    process group of its own, `groups` = (model's, optimizer's), e.g. two Gloo groups, so that they never interleave
+    with each other's or training's. Until `wait()` the checkpoint is a `.tmp-` directory without COMPLETE, which
     nothing resumes from.
     """
     save_dir = Path(save_dir)
@@ -431,10 +432,14 @@ def start_checkpoint(save_dir: str | os.PathLike, epoch: int, model: nn.Module |
 
     # Every rank: its shards of the model and optimizer, and its RNG state. Rank 0: everything shared.
     distributed = world_size > 1 and _distributed()
+    if asynchronous and distributed and groups is None:
+        raise ValueError("asynchronous checkpoints with several processes need `groups`: two process groups of their "
+                         "own, so that the background writes' collectives never meet training's")
     writes = []  # futures of the asynchronous DCP writes
+    model_group, optimizer_group = groups or (None, None)
     if module is not None:
         writes.append(_dcp_save(sharded_model_state_dict(module, trainable_only), tmp / MODEL_DIR, distributed,
-                                asynchronous, group))
+                                asynchronous, model_group))
     elif rank == 0:
         writes.append(_dcp_save(backbone_keys(model), tmp / MODEL_DIR, False, asynchronous))
     if optimizer is not None:
@@ -444,7 +449,7 @@ def start_checkpoint(save_dir: str | os.PathLike, epoch: int, model: nn.Module |
             if module is None:
                 raise ValueError("saving the optimizer needs the model (its parameter names), not a state dict")
             state = get_optimizer_state_dict(module, optimizer, options=_optimizer_options())
-            writes.append(_dcp_save(state, tmp / OPTIMIZER_DIR, distributed, asynchronous, group))
+            writes.append(_dcp_save(state, tmp / OPTIMIZER_DIR, distributed, asynchronous, optimizer_group))
         elif rank == 0:
             # Not stepped yet: torch's state-dict API would first initialise it with a zero step, which changes
             # later Adam updates. Its hyperparameters are all there is.

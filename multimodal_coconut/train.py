@@ -252,9 +252,12 @@ def fit(cfg: Config, env) -> list[dict]:
     micro_batches = math.ceil(len(train_set or []) / (cfg.batch_size_training * env.world_size))  # the sampler's
     total_steps = steps_per_epoch(micro_batches, cfg.gradient_accumulation_steps) * cfg.num_epochs
 
-    # async_checkpoint: checkpoints are written in the background, with collectives on a Gloo group of their own.
-    checkpoint_group = torch.distributed.new_group(backend="gloo") if cfg.async_checkpoint and env.world_size > 1 \
-        else None
+    # async_checkpoint: the model and the optimizer are written by two background threads, each with its collectives
+    # on a Gloo group of its own (two writes in flight on one group could pair rank 0's model collective with rank
+    # 1's optimizer collective and hang).
+    checkpoint_groups = None
+    if cfg.async_checkpoint and env.world_size > 1:
+        checkpoint_groups = tuple(torch.distributed.new_group(backend="gloo") for _ in range(2))
     pending = None  # the checkpoint being written
 
     def finish():
@@ -311,7 +314,7 @@ def fit(cfg: Config, env) -> list[dict]:
                 world_size=env.world_size, barrier=distributed.barrier, log=lambda m: log(env, m),
                 model_files=lambda d: ckpt.save_model_files(d, model.base_model, backbone.tokenizer,
                                                             backbone.image_processor, info),
-                trainable_only=cfg.lora_r > 0, asynchronous=cfg.async_checkpoint, group=checkpoint_group)
+                trainable_only=cfg.lora_r > 0, asynchronous=cfg.async_checkpoint, groups=checkpoint_groups)
             if not cfg.async_checkpoint:
                 finish()
         _append_metrics(run_dir, metrics, env)
