@@ -68,15 +68,6 @@ def main() -> None:
     rows.append(("weights only (model/)", weights_bytes, seconds))
     print(rows[-1], flush=True)
 
-    # async_checkpoint: how long training is blocked (the copy to CPU memory) against the whole write.
-    t0 = time.time()
-    pending = start_checkpoint(out / "async", 1, model, log=None, asynchronous=True)
-    blocked = time.time() - t0
-    pending.wait()
-    async_total = time.time() - t0
-    print(f"async weights: training blocked {blocked:.1f} s, written after {async_total:.1f} s", flush=True)
-    shutil.rmtree(out / "async")
-
     # LoRA on the language model, vision and projector frozen (the usual VLM recipe), one real step on text.
     cfg = Config(dataset="builtin", lora_r=a.lora_r, lora_alpha=2 * a.lora_r, freeze_vision=True,
                  freeze_projector=True)
@@ -95,6 +86,16 @@ def main() -> None:
     optimizer.zero_grad(set_to_none=True)
     print(f"LoRA step: {time.time() - t0:.1f} s, RSS {before:.1f} -> peak {peak_gb():.1f} GB", flush=True)
     lora_peak = peak_gb()
+    # async_checkpoint: how long training is blocked (the copy to CPU memory) against the whole write; after the
+    # LoRA step, so that its CPU copy does not count in that step's peak (the weights are the same bytes).
+    t0 = time.time()
+    pending = start_checkpoint(out / "async", 1, model, log=None, asynchronous=True)
+    blocked = time.time() - t0
+    pending.wait()
+    async_total = time.time() - t0
+    print(f"async weights: training blocked {blocked:.1f} s, written after {async_total:.1f} s", flush=True)
+    shutil.rmtree(out / "async")
+
     path, seconds = timed_save("lora", model, optimizer=optimizer, trainable_only=True)
     n_trainable = sum(p.numel() for p in trainable)
     rows.append((f"LoRA r={a.lora_r} (adapters + 3 token rows x2, + AdamW)", disk_used(path), seconds))
