@@ -46,9 +46,10 @@ def torchrun_shim(args, timeout=900):
 @pytest.mark.slow
 def test_ddp_under_nccl_rules_with_save_only_improve(data_dir, tmp_path):
     """DDP, 2 processes, a whole training run with evaluation every epoch, under a process group that takes only
-    the tensors NCCL-on-GPU takes; save_only_improve decides on rank 0's score and every rank must follow it."""
+    the tensors NCCL-on-GPU takes; save_only_improve decides on rank 0's score and every rank must follow it. The
+    checkpoints are written in the background (async_checkpoint: its two Gloo groups beside the GPU backend)."""
     torchrun_shim(overrides(data_dir, tmp_path, num_epochs=3, batch_size_training=4, distributed="ddp",
-                            save_only_improve=True, max_new_tokens=12, keep_checkpoints=0))
+                            save_only_improve=True, max_new_tokens=12, keep_checkpoints=0, async_checkpoint=True))
     run = tmp_path / "run"
     metrics = read_metrics(run)
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
@@ -58,6 +59,7 @@ def test_ddp_under_nccl_rules_with_save_only_improve(data_dir, tmp_path):
             best, improved = m["mc_accuracy"], improved + [m["epoch"]]
     saved = sorted(int(p.name.split("_")[1]) for p in run.glob("checkpoint_*") if (p / "COMPLETE").exists())
     assert saved == improved
+    assert not list(run.glob("*.tmp-*"))  # every checkpoint started was completed
 
 
 @pytest.mark.slow
