@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     if warmup < 0:
         raise SystemExit(f"--cot-warmup must be >= 0, got {warmup}")
     first, then, dirs = [], [], {}  # warm-ups and runs from the backbone first; runs from a warm-up after them
+    n_finished = 0  # rows of the table (warm-ups not counted)
     for seed in seeds:
         start = {}
         if warmup:
@@ -234,11 +235,13 @@ def main(argv: list[str] | None = None) -> int:
             run_cfg = load_config(args.config, overrides, check_paths=not extra or key == "no_cot")
             run_dir = Path(run_cfg.save_path) / run_cfg.name
             dirs[(key, seed)] = run_dir
-            if not finished(run_dir, run_cfg.num_epochs):
+            if finished(run_dir, run_cfg.num_epochs):
+                n_finished += 1
+            else:
                 (then if warmup and key != "no_cot" else first).append((name, run_dir, overrides))
     jobs = first + then
-    print(f"{len(dirs)} runs, {len(dirs) - len([j for j in jobs if not j[0].startswith('cot_warmup')])} already "
-          f"finished" + (f"; every row but No-CoT starts from {warmup} epochs of CoT" if warmup else ""), flush=True)
+    print(f"{len(dirs)} runs, {n_finished} already finished"
+          + (f"; every row but No-CoT starts from {warmup} epochs of CoT" if warmup else ""), flush=True)
     if args.report_only:
         for name, run_dir, _ in jobs:
             dirs = {k: d for k, d in dirs.items() if d != run_dir}
@@ -255,9 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     setting = (f"config {args.config} with {' '.join(base) or 'no overrides'}: {cfg.num_epochs} epochs, "
                f"{cfg.epochs_per_stage} per stage, max_latent_stage {cfg.max_latent_stage}, c_thought {cfg.c_thought}")
     if warmup:
-        setting += (f"; every row but No-CoT starts from {warmup} epochs of CoT (its stage 0) and trains "
-                    f"{cfg.num_epochs - cfg.epochs_per_stage} more; No-CoT trains {cfg.num_epochs - cfg.epochs_per_stage + warmup} "
-                    "from the backbone")
+        after = cfg.num_epochs - cfg.epochs_per_stage  # epochs trained after the warm-up
+        setting += (f"; every row but No-CoT starts from {warmup} epochs of CoT (its stage 0) and trains {after} "
+                    f"more; No-CoT trains {after + warmup} from the backbone")
     results = {"setting": setting, "config": args.config, "overrides": base, "cot_warmup": warmup,
                "seeds": sorted({s for _, s in dirs}), "rows": table,
                "runs": {k: {str(s): r for s, r in v.items()} for k, v in runs.items()}}

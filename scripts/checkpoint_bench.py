@@ -33,8 +33,20 @@ def peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def main() -> None:
+def model_and_text_batch():
+    """The 938M-parameter InternVL3-1B-shaped Coconut model and a 256-token text batch (no image placeholder, no
+    latent tokens): the input of the LoRA step and of the full step."""
     from multimodal_coconut import MultimodalCoconut, load_backbone
+
+    bb = load_backbone("internvl3-1b-shape", image_size=448)
+    model = MultimodalCoconut(bb.model, bb.latent_id, bb.start_latent_id, bb.end_latent_id, bb.eos_token_id)
+    ids = torch.randint(0, 1000, (1, 256))
+    ids[ids == model.image_token_id] = bb.eos_token_id
+    ids[(ids == bb.latent_id) | (ids == bb.start_latent_id) | (ids == bb.end_latent_id)] = bb.eos_token_id
+    return model, ids
+
+
+def main() -> None:
     from multimodal_coconut.checkpoint import _dcp_save, disk_used, save_checkpoint, start_checkpoint
     from multimodal_coconut.config import Config
     from multimodal_coconut.lora import apply_lora
@@ -58,8 +70,7 @@ def main() -> None:
         path = save_checkpoint(out / name, 1, model, log=None, **kw)
         return path, time.time() - t0
 
-    bb = load_backbone("internvl3-1b-shape", image_size=448)
-    model = MultimodalCoconut(bb.model, bb.latent_id, bb.start_latent_id, bb.end_latent_id, bb.eos_token_id)
+    model, ids = model_and_text_batch()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"built: {n_params / 1e6:.1f}M parameters, RSS {rss_gb():.1f} GB", flush=True)
 
@@ -75,9 +86,6 @@ def main() -> None:
     apply_lora(model, cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-    ids = torch.randint(0, 1000, (1, 256))
-    ids[ids == model.image_token_id] = bb.eos_token_id  # text only: no image placeholder
-    ids[(ids == bb.latent_id) | (ids == bb.start_latent_id) | (ids == bb.end_latent_id)] = bb.eos_token_id
     before = rss_gb()
     t0 = time.time()
     loss = model(ids, torch.ones_like(ids), ids, torch.arange(256)[None]).loss
@@ -104,7 +112,7 @@ def main() -> None:
     # The full run's optimizer state: exp_avg, exp_avg_sq (fp32, one of each per weight) and step.
     names = [(n, p.shape) for n, p in model.named_parameters()
              if "lora_" not in n and "tokens_delta" not in n]
-    del model, bb, optimizer, trainable
+    del model, optimizer, trainable
     gc.collect()
     state = {}
     for n, shape in names:
@@ -131,15 +139,9 @@ def main() -> None:
 def full_step_peak() -> None:
     """One AdamW step of the whole model on the same text batch as the LoRA step: weights + gradients + AdamW's two
     moments (4 x 3.75 GB) plus activations."""
-    from multimodal_coconut import MultimodalCoconut, load_backbone
-
     torch.set_num_threads(2)
-    bb = load_backbone("internvl3-1b-shape", image_size=448)
-    model = MultimodalCoconut(bb.model, bb.latent_id, bb.start_latent_id, bb.end_latent_id, bb.eos_token_id)
+    model, ids = model_and_text_batch()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(0, 1000, (1, 256))
-    ids[ids == model.image_token_id] = bb.eos_token_id
-    ids[(ids == bb.latent_id) | (ids == bb.start_latent_id) | (ids == bb.end_latent_id)] = bb.eos_token_id
     before = rss_gb()
     t0 = time.time()
     model(ids, torch.ones_like(ids), ids, torch.arange(256)[None]).loss.backward()
