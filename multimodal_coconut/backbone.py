@@ -373,8 +373,7 @@ def _load_original_internvl(path: str, dtype: torch.dtype, attn_implementation: 
     _ensure_post_init(model_class)
     flash = attn_implementation == "flash_attention_2"
     if state_dict is not None:
-        model = model_class.from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype,
-                                            use_flash_attn=flash)
+        model = from_state_dict(model_class, config, state_dict, dtype=dtype, use_flash_attn=flash)
     else:
         model = AutoModel.from_pretrained(path, config=config, trust_remote_code=True, dtype=dtype,
                                           use_flash_attn=flash)
@@ -421,11 +420,9 @@ def load_backbone(
     # Decide from config.json itself: transformers' own config classes would already refuse remote code, less clearly.
     config = _config_json(path)
     kwargs = dict(dtype=dtype)
-    source = path  # where from_pretrained reads the weights: the directory, or none when they are given
     if state_dict is not None:
         from transformers import AutoConfig
 
-        source = None
         kwargs.update(state_dict=state_dict, config=AutoConfig.from_pretrained(
             path, trust_remote_code=trust_remote_code and is_original_internvl(config)))
     if attn_implementation:
@@ -448,7 +445,8 @@ def load_backbone(
 
         tile = _tile_size(config)
         _check_image_size(image_size, tile)
-        model = InternVLForConditionalGeneration.from_pretrained(source, **kwargs)
+        model = InternVLForConditionalGeneration.from_pretrained(path, **kwargs) if state_dict is None \
+            else from_state_dict(InternVLForConditionalGeneration, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
         image_processor = AutoImageProcessor.from_pretrained(path)
         if image_processor.size["height"] != tile or image_processor.size["width"] != tile:
@@ -456,13 +454,32 @@ def load_backbone(
                              f"encoder takes {tile}px tiles; the checkpoint is inconsistent")
         kind = "hf_internvl"
     else:
-        model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+        if state_dict is None:
+            model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+        else:  # the Auto class resolves remote code from a path, and a sharded checkpoint's weights have none
+            with torch.device("meta"):
+                model_class = type(AutoModelForCausalLM.from_config(kwargs["config"],
+                                                                   trust_remote_code=trust_remote_code))
+            model = from_state_dict(model_class, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         image_processor = None
         kind = "causal_lm"
     if device is not None:
         model = model.to(device)
     return _finish(model, tokenizer, image_processor, kind, min_num_patches, max_num_patches, use_thumbnail)
+
+
+def from_state_dict(model_class, config, state_dict: dict[str, torch.Tensor], **kwargs) -> nn.Module:
+    """`model_class` built from `config` with the weights of `state_dict` (a sharded checkpoint's, read whole), through
+    `from_pretrained` (so tied weights and dtype are handled as for a directory). Every weight of the model must be
+    in `state_dict` and nothing else: a mismatch is an error naming the keys, never a randomly initialised layer."""
+    model, info = model_class.from_pretrained(None, config=config, state_dict=state_dict, output_loading_info=True,
+                                              **kwargs)
+    wrong = {k: sorted(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(wrong.values()):
+        raise ValueError(f"the checkpoint's weights do not fit {model_class.__name__}: " + "; ".join(
+            f"{k.replace('_', ' ')} {v[:5]}{' ...' if len(v) > 5 else ''}" for k, v in wrong.items() if v))
+    return model
 
 
 def _check_image_size(image_size: int | None, tile: int) -> None:
