@@ -137,8 +137,8 @@ class Config:
     """Replace a built-in set of other settings (seed, sizes, version) where this run's data goes (else an error)."""
 
     # --- images ---
-    image_size: int = 448
-    """Side of one image tile in pixels (InternVL3: 448)."""
+    image_size: int | None = None
+    """Side of one image tile in pixels; null = the checkpoint's (InternVL3: 448, tiny: 64). Another value is an error."""
     max_num_patches: int = 12
     """Most tiles per image in dynamic tiling (thumbnail not counted)."""
     min_num_patches: int = 1
