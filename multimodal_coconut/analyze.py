@@ -295,8 +295,8 @@ def _pictures(result: dict, trained: Trained, samples, out: Path, norm_values: d
     ax.legend(fontsize=8)
     _save(fig, plt, out, "ablations.png", written)
 
-    per_thought = result.get("ablations_per_thought") or {}
-    if any(per_thought.values()):
+    per_thought = result["ablations_per_thought"]
+    if "skipped" not in per_thought:
         fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.2), squeeze=False)
         for ax, key in zip(axes[0], metrics):
             for name, rows in per_thought.items():
@@ -416,8 +416,8 @@ def _markdown(result: dict) -> str:
 
     per_thought = result["ablations_per_thought"]
     lines += ["", "## Ablations per thought (only thought i replaced; later ones computed from it)", ""]
-    if isinstance(per_thought, str) or not any(per_thought.values()):
-        lines.append(per_thought if isinstance(per_thought, str) else "No thoughts to replace.")
+    if "skipped" in per_thought:
+        lines.append(f"Skipped: {per_thought['skipped']}.")
     else:
         for key in metrics:
             names = list(per_thought)
@@ -523,8 +523,10 @@ def analyze_trained(trained: Trained, samples, out, *, data="", k: int = 5, seed
               "thoughts_per_question": sum(t.shape[0] for t in thoughts.values()) / max(len(samples), 1),
               "ablations": ablations(trained, samples, metrics, seed),
               "shuffle_unchanged_questions": sum(len(b["idx"]) for b in batches if len(b["idx"]) == 1 and n_max)}
-    result["ablations_per_thought"] = (per_thought_ablations(trained, samples, metrics, n_max) if per_thought else
-                                       "Skipped (--no-per-thought).")
+    result["ablations_per_thought"] = (
+        {"skipped": "--no-per-thought"} if not per_thought else
+        {"skipped": "the checkpoint feeds no thoughts on this data"} if not n_max else
+        per_thought_ablations(trained, samples, metrics, n_max))
     result["thought_curve"] = thought_curve(trained, samples, metrics) if curve else {"skipped": "--no-curve"}
     result["decoding"] = decoding(tops, samples, trained.config.c_thought, k)
     result["probe"] = (probe(thoughts, tops, samples, trained.backbone.tokenizer, trained.config.c_thought, seed=seed)

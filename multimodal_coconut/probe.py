@@ -5,9 +5,10 @@ stands for step j // c_thought, the step it replaced in the curriculum, so it is
 
 * decoding: how often the thought's top-1 / top-k tokens under the LM head (`inference.decode_thoughts`) are the
   node word. Tokens and node are compared stripped and lowercased. A node word the tokenizer splits into several
-  tokens (as written mid-sentence, " " + node) also counts when the token is its first piece, the token a model
-  writing the step would emit first; such nodes are counted (`n_multi_token_nodes`). Chance level of the same test:
-  each thought against the node of another question's step at the same index.
+  tokens (as written mid-sentence, " " + node) also counts when the token is its first non-blank piece, the token a
+  model writing the step would emit first (a looser test: other words may share that piece); such nodes are counted
+  (`n_multi_token_nodes`). Chance level of the same test: each thought against the node of another question's step
+  at the same index.
 * linear: a multinomial logistic regression from thought j to its node, fitted on half the questions (a split drawn
   from the seed, the same for every j) and scored on the other half, beside the chance level (the share of the
   held-out half's most common node: what always answering it scores).
@@ -20,13 +21,14 @@ import torch.nn.functional as F
 
 
 def node_targets(tokenizer, node: str) -> tuple[set[str], bool]:
-    """(the stripped, lowercased token strings that count as `node`; whether `node` is several tokens)."""
+    """(the stripped, lowercased token strings that count as `node`; whether `node` is several tokens): the word,
+    and for a word split into several tokens its first piece that is not blank (" qzxv" -> " ", "q", ...: "q")."""
     word = node.strip().lower()
     ids = tokenizer.encode(" " + node.strip(), add_special_tokens=False)
     if len(ids) <= 1:
         return {word}, False
-    first = tokenizer.decode(ids[:1]).strip().lower()
-    return ({word, first} if first else {word}), True
+    first = next((p for p in (tokenizer.decode([i]).strip().lower() for i in ids) if p), word)
+    return {word, first}, True
 
 
 def thought_nodes(samples, n_thoughts: dict[int, int], c_thought: int) -> dict[int, list[str | None]]:

@@ -1,0 +1,274 @@
+"""analyze on a text-only checkpoint (the data set's own accuracy; intact = the run's evaluation; attention skipped),
+the per-thought ablations (only thought i and what follows it changes; every index at once = the all-thought
+ablation), accuracy against the number of thoughts (the checkpoint's own stage = intact), and the probes (a planted
+linear signal is found, random labels score chance; decoding hits; the thought -> step mapping)."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from multimodal_coconut import MultimodalCoconut
+from multimodal_coconut.analyze import (ablation_hook, analyze_trained, index_hook, main, metric_keys,
+                                        per_thought_ablations, thought_curve)
+from multimodal_coconut.cli import main as run_main
+from multimodal_coconut.config import Config
+from multimodal_coconut.data import load_samples
+from multimodal_coconut.evaluate import coconut_answer
+from multimodal_coconut.inference import Trained, evaluate_trained, load_trained, prompt_loader, prompt_set
+from multimodal_coconut.probe import decoding_probe, linear_probe, probe, split_questions
+
+ROOT = Path(__file__).resolve().parents[1]
+PROSQA_VAL = ROOT / "tests" / "fixtures" / "prosqa" / "prosqa_valid.json"
+
+
+@pytest.fixture(scope="module")
+def text_val(tmp_path_factory):
+    """4 of the ProsQA-format validation records (the analysis answers each question 15 times)."""
+    path = tmp_path_factory.mktemp("prosqa_data") / "prosqa_valid4.json"
+    path.write_text(json.dumps(json.loads(PROSQA_VAL.read_text())[:4]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory, text_val):
+    """The original's prosqa config on tiny-text, one epoch without the curriculum: a checkpoint at stage 3, past
+    max_latent_stage 2 (two thoughts per question), evaluated on `text_val`."""
+    save = tmp_path_factory.mktemp("prosqa")
+    assert run_main([str(ROOT / "args" / "prosqa_coconut.yaml"), f"save_path={save}", f"val_path={text_val}",
+                     "num_epochs=1", "curriculum=false", "max_latent_stage=2", "num_workers=0", "max_new_tokens=8",
+                     "lr=1e-5", "batch_size_training=8"]) == 0
+    return save / "prosqa-coconut"
+
+
+@pytest.fixture(scope="module")
+def text_trained(text_run):
+    return load_trained(text_run)
+
+
+@pytest.fixture(scope="module")
+def text_samples(text_trained, text_val):
+    return load_samples(text_trained.config.dataset, text_val, image_root=None)
+
+
+def planted(trained, samples):
+    """The samples with their answers replaced by what the checkpoint answers: intact accuracy is 100%, so an
+    ablation or another number of thoughts that changes an answer shows as a real drop."""
+    generated = evaluate_trained(trained, samples)["generated"]
+    return [dataclasses.replace(s, answer=coconut_answer(generated[s.question_id])) for s in samples]
+
+
+def fed_thoughts(model, batch, hook=None):
+    """The thoughts fed at the latent positions of a prompt batch, (B, n, C) (every row has n latents here)."""
+    out = model(batch["input_ids"], batch["attention_mask"], position_ids=batch["position_ids"],
+                pixel_values=batch["pixel_values"], thought_hook=hook)
+    is_latent = batch["input_ids"] == model.latent_token_id
+    n = int(is_latent.sum(1)[0])
+    assert (is_latent.sum(1) == n).all()
+    return out.inputs_embeds[is_latent].view(is_latent.shape[0], n, -1)
+
+
+# --- a text-only checkpoint, end to end -------------------------------------------------------------------------
+
+
+def test_text_checkpoint_analysis_end_to_end(text_run, text_val, tmp_path, capsys):
+    out = tmp_path / "analysis"
+    assert main([str(text_run), "--data", str(text_val), "--out", str(out)]) == 0
+    result = json.loads((out / "analysis.json").read_text())
+    last = [json.loads(line) for line in (text_run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert result["metrics"] == ["accuracy"] and result["stage"] == last["stage"] == 3
+    assert result["ablations"]["intact"]["accuracy"] == last["accuracy"]  # the run's own evaluation
+    assert set(result["ablations"]) == {"intact", "zero", "noise", "shuffle", "pause"}
+    assert result["n_samples"] == 4 and result["thoughts_per_question"] == 2
+    assert {name: [r["thought"] for r in rows] for name, rows in result["ablations_per_thought"].items()} == {
+        "zero": [1, 2], "shuffle": [1, 2], "pause": [1, 2]}
+    # Stage 3 prompts as stage 2 (max_latent_stage) does: that point is the checkpoint's, with its max_new_tokens;
+    # below it the model has steps to write, and more room to write them.
+    curve = result["thought_curve"]
+    points = curve["points"]
+    assert curve["checkpoint_stage"] == 2
+    assert [(p["stage"], p["thoughts"], p["checkpoint"]) for p in points] == [(0, 0, False), (1, 1, False),
+                                                                            (2, 2, True)]
+    assert points[2]["max_new_tokens"] == 8 and points[0]["max_new_tokens"] > points[1]["max_new_tokens"] > 8
+    assert {k: points[2][k] for k in ("accuracy", "written_tokens")} == result["ablations"]["intact"]
+    assert "text-only" in result["attention"]["skipped"] and "step_nodes" in result["probe"]["skipped"]
+    md = (out / "analysis.md").read_text()
+    assert "Skipped: a text-only language model" in md and "| 2 (checkpoint) | 2.00 |" in md
+    for name in ("ablations.png", "ablations_per_thought.png", "thought_curve.png", "norms.png"):
+        assert (out / name).stat().st_size > 0
+    assert not (out / "attention_layers.png").exists() and not (out / "probe.png").exists()
+    assert f"intact accuracy {last['accuracy']}" in capsys.readouterr().out
+
+
+def test_curve_at_the_checkpoints_stage_is_intact_and_other_stages_differ(text_trained, text_samples):
+    samples = planted(text_trained, text_samples)
+    curve = thought_curve(text_trained, samples, ["accuracy"])
+    own = [p for p in curve["points"] if p["checkpoint"]]
+    assert [p["stage"] for p in own] == [2] and own[0]["accuracy"] == 100 and own[0]["thoughts"] == 2
+    assert min(p["accuracy"] for p in curve["points"]) < 100  # fewer thoughts change some answer
+
+
+# --- per-thought ablations ----------------------------------------------------------------------------------------
+
+
+def test_replacing_thought_i_changes_it_and_the_later_ones_only(text_trained, text_samples):
+    model = text_trained.model
+    [batch] = prompt_loader(text_trained, prompt_set(text_trained, text_samples))
+    intact = fed_thoughts(model, batch)  # (4, 2, C)
+    assert intact.shape[:2] == (4, 2)
+    shuffled_1 = fed_thoughts(model, batch, index_hook("shuffle", model, [1]))
+    torch.testing.assert_close(shuffled_1[:, 0], intact[:, 0].roll(1, dims=0))  # another question's thought 1
+    assert (shuffled_1[:, 1] - intact[:, 1]).abs().amax(-1).min() > 1e-3  # thought 2 computed from it
+    for name in ("zero", "shuffle", "pause"):
+        second = fed_thoughts(model, batch, index_hook(name, model, [2]))
+        assert torch.equal(second[:, 0], intact[:, 0])  # the earlier thought untouched
+        assert (second[:, 1] - intact[:, 1]).abs().amax(-1).min() > 1e-3
+    torch.testing.assert_close(fed_thoughts(model, batch, index_hook("shuffle", model, [2]))[:, 1],
+                               intact[:, 1].roll(1, dims=0))
+    assert index_hook("intact", model, [1]) is None
+
+
+def test_every_index_ablated_is_the_all_thought_ablation(text_trained, text_samples):
+    model = text_trained.model
+    [batch] = prompt_loader(text_trained, prompt_set(text_trained, text_samples))
+    for name in ("zero", "noise", "shuffle", "pause"):
+        torch.testing.assert_close(fed_thoughts(model, batch, index_hook(name, model, [1, 2], seed=3)),
+                                   fed_thoughts(model, batch, ablation_hook(name, model, seed=3)), rtol=0, atol=0)
+    rows = per_thought_ablations(text_trained, text_samples, metric_keys("coconut"), 2, names=("zero",))["zero"]
+    one = evaluate_trained(text_trained, text_samples, thought_hook=index_hook("zero", model, [1]))
+    assert rows[0] == {"thought": 1, "accuracy": one["accuracy"], "written_tokens": one["written_tokens"]}
+    assert rows[1]["thought"] == 2
+
+
+# --- probes -----------------------------------------------------------------------------------------------------
+
+
+def planted_features(n, dim, n_classes, seed, signal):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(n_classes, (n,), generator=g)
+    means = torch.randn(n_classes, dim, generator=g)
+    x = signal * means[labels] + torch.randn(n, dim, generator=g)
+    return x, [f"node{int(c)}" for c in labels]
+
+
+def test_linear_probe_finds_a_planted_signal_and_not_random_labels():
+    x, y = planted_features(240, 32, 5, seed=0, signal=2.0)
+    found = linear_probe(x[:120], y[:120], x[120:], y[120:])
+    assert found["accuracy"] >= 0.95 and found["chance"] < 0.4 and found["n_classes"] == 5
+    assert found["n_fit"] == found["n_test"] == 120 and found["n_test_unseen"] == 0
+    _, random_labels = planted_features(240, 32, 5, seed=1, signal=0.0)  # labels independent of x
+    chance = linear_probe(x[:120], random_labels[:120], x[120:], random_labels[120:])
+    majority = max(random_labels[120:].count(c) for c in set(random_labels[120:])) / 120
+    assert chance["chance"] == majority
+    assert abs(chance["accuracy"] - 0.2) < 0.12  # 5 classes: near 1/5, far from the planted 95%
+
+
+def test_split_is_deterministic_disjoint_and_covers():
+    fit, test = split_questions(list(range(11)), seed=0)
+    assert (fit, test) == split_questions(list(range(11)), seed=0)
+    assert fit | test == set(range(11)) and not fit & test and len(fit) == 5
+    assert split_questions(list(range(11)), seed=1)[0] != fit
+
+
+class Sample:  # what the probe reads of a sample
+    def __init__(self, i, steps, step_nodes):
+        self.question_id, self.steps, self.step_nodes = f"q{i}", steps, step_nodes
+
+
+def test_probe_reads_thought_j_against_the_node_of_step_j_div_c():
+    """c_thought 2: thoughts 1-2 stand for step 1, 3-4 for step 2. Thought 1 encodes step 1's node, thought 3 step 2's
+    node; thoughts 2 and 4 are noise. Half the questions have no step_nodes."""
+    n, dim = 200, 24
+    x1, nodes1 = planted_features(n, dim, 4, seed=0, signal=2.0)
+    x3, nodes2 = planted_features(n, dim, 4, seed=1, signal=2.0)
+    g = torch.Generator().manual_seed(2)
+    thoughts = {i: torch.stack([x1[i], torch.randn(dim, generator=g), x3[i], torch.randn(dim, generator=g)])
+                for i in range(n)}
+    samples = [Sample(i, ["a", "b"], [nodes1[i], nodes2[i]]) for i in range(n)]
+    samples += [Sample(n + i, ["a", "b"], None) for i in range(10)]
+    thoughts.update({n + i: torch.randn(4, dim, generator=g) for i in range(10)})
+    tops = {i: [["x"]] * 4 for i in thoughts}
+
+    class Tok:
+        def encode(self, text, add_special_tokens=False):
+            return [0]
+    result = probe(thoughts, tops, samples, Tok(), c_thought=2, seed=0)
+    assert result["n_questions"] == n and result["n_without_step_nodes"] == 10
+    acc = {r["thought"]: r for r in result["linear"]["per_index"]}
+    assert acc[1]["accuracy"] >= 0.9 and acc[3]["accuracy"] >= 0.9
+    for j in (2, 4):  # noise: about chance (the held-out majority share), far below the planted thoughts
+        assert acc[j]["accuracy"] < 0.45 and acc[j]["chance"] < 0.4
+    assert [r["n"] for r in result["decoding"]["per_index"]] == [n] * 4
+
+    samples[0].step_nodes = ["only one"]
+    with pytest.raises(ValueError, match="1 step_nodes for 2 steps"):
+        probe(thoughts, tops, samples, Tok(), c_thought=2)
+    none = [Sample(i, ["a"], None) for i in range(3)]
+    assert "step_nodes" in probe({i: torch.zeros(1, 4) for i in range(3)}, {}, none, Tok(), 1)["skipped"]
+
+
+def test_decoding_probe_hits_multi_token_nodes_and_chance(text_trained):
+    tok = text_trained.backbone.tokenizer
+    assert len(tok.encode(" wumpus", add_special_tokens=False)) == 1
+    multi = "qzxv"
+    pieces = [tok.decode([i]) for i in tok.encode(" " + multi, add_special_tokens=False)]
+    assert pieces[:2] == [" ", "q"]  # the first non-blank piece is "q"
+    first = "Q"
+    tops = {0: [[" wumpus", "is"], ["is", first]],  # thought 1: top-1 hit; thought 2: the multi-token node's first piece
+            1: [["is", " Wumpus"], ["is", "."]],  # thought 1: top-2 hit (case and space ignored); thought 2: miss
+            2: [["yumpus", "is"], ["x", "y"]]}
+    nodes = {0: ["wumpus", multi], 1: ["wumpus", multi], 2: ["rompus", "zumpus"]}
+    result = decoding_probe(tops, nodes, tok)
+    one, two = result["per_index"]
+    assert (one["thought"], one["n"], one["top1"], one["top_k"]) == (1, 3, 1 / 3, 2 / 3)
+    assert (two["top1"], two["top_k"]) == (0, 1 / 3)
+    # chance: question 0 against question 1's node (wumpus: hit), 1 against 2's (rompus: miss), 2 against 0's (miss)
+    assert one["top_k_other_question"] == 1 / 3
+    assert result["n_multi_token_nodes"] == 1 and result["multi_token_nodes"] == [multi]
+
+
+# --- a multimodal checkpoint ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def builtin_val(tmp_path_factory):
+    from multimodal_coconut.builtin_data import generate_builtin
+
+    out = tmp_path_factory.mktemp("builtin")
+    generate_builtin(out, {"val": 8}, seed=0)
+    return out / "aokvqa_v1p0_val.json"
+
+
+def test_multimodal_analysis_with_step_nodes(tiny, builtin_val, tmp_path):
+    """The tiny InternVL (random weights) at stage 2, on the built-in set with step_nodes planted (the colour word of
+    each step; questions of one step and of more): MC / DA, attention, the curve and both probes."""
+    cfg = Config(dataset="builtin", model_id="tiny", coconut=True, max_latent_stage=2, c_thought=1,
+                 max_new_tokens=4, image_size=64, max_num_patches=4, batch_size_training=4)
+    model = MultimodalCoconut(tiny.model, tiny.latent_id, tiny.start_latent_id, tiny.end_latent_id,
+                              tiny.eos_token_id).eval()
+    trained = Trained(model=model, backbone=tiny, config=cfg, stage=2, path=Path("tiny"))
+    samples = load_samples("builtin", builtin_val, image_root=None)
+    samples = [s for s in samples if len(s.steps) == 1][:2] + [s for s in samples if len(s.steps) > 1][:2]
+    for s in samples:
+        s.step_nodes = [s.steps[i].split()[-1].strip(".") for i in range(len(s.steps))]
+    result = analyze_trained(trained, samples, tmp_path, data=builtin_val, per_thought=False)  # as the text test
+    assert result["metrics"] == ["mc_accuracy", "da_accuracy"]
+    intact = evaluate_trained(trained, samples)
+    assert result["ablations"]["intact"]["mc_accuracy"] == intact["mc_accuracy"]
+    n_latents = [min(len(s.steps), 2) for s in samples]
+    assert n_latents == [1, 1, 2, 2] and result["thoughts_per_question"] == 1.5
+    assert result["ablations_per_thought"] == {"skipped": "--no-per-thought"}
+    points = result["thought_curve"]["points"]
+    assert [p["thoughts"] for p in points] == [0, 1, 1.5]
+    assert {k: points[2][k] for k in ("mc_accuracy", "da_accuracy", "written_tokens")} == \
+        result["ablations"]["intact"]
+    assert len(result["attention"]["image_share"]) == 2
+    dec = result["probe"]["decoding"]["per_index"]
+    assert [(r["thought"], r["n"]) for r in dec] == [(1, 4), (2, 2)]
+    assert [r["thought"] for r in result["probe"]["linear"]["per_index"]] == [1, 2]
+    for name in ("probe.png", "thought_curve.png", "attention_layers.png", "attention_image.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert not (tmp_path / "ablations_per_thought.png").exists()
+    assert "Skipped: --no-per-thought." in (tmp_path / "analysis.md").read_text()
