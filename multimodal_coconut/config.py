@@ -55,7 +55,7 @@ class Config:
     seed: int = 0
     """Random seed for data order, model init and the curriculum's uniform_prob draws."""
     resume: int = 0
-    """Epochs already done: training starts at epoch `resume` (0 = from scratch). With only_eval it selects the stage."""
+    """Epochs already done: training starts at epoch `resume` (0 = from scratch), its step count and LR schedule with it. With only_eval it selects the stage."""
     load_model_path: str | None = None
     """Checkpoint whose weights are loaded before training or evaluation (null = start from model_id)."""
     debug: bool = False

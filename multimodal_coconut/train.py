@@ -251,6 +251,8 @@ def fit(cfg: Config, env) -> list[dict]:
     val_gen_set = CoconutDataset(val_samples, stage=0, train=False, epoch=0, **build) if val_samples else None
     micro_batches = math.ceil(len(train_set or []) / (cfg.batch_size_training * env.world_size))  # the sampler's
     total_steps = steps_per_epoch(micro_batches, cfg.gradient_accumulation_steps) * cfg.num_epochs
+    if latest is None and not cfg.only_eval:  # `resume` epochs count as done: the LR schedule continues from them
+        state["global_step"] = steps_per_epoch(micro_batches, cfg.gradient_accumulation_steps) * cfg.resume
 
     # async_checkpoint: the model and the optimizer are written by two background threads, each with its collectives
     # on a Gloo group of its own (two writes in flight on one group could pair rank 0's model collective with rank

@@ -25,6 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAINER = "tests/test_trainer_behaviour.py"
 GENERATION = "tests/test_generation_reference.py"
 EVALUATE = "tests/test_evaluate.py"
+TEXT = "tests/test_text_checkpoints.py"
+CONFIG = "tests/test_config.py"
+CHECKPOINT = "tests/test_checkpoint.py"
 
 # name: (file, old text, new text, pytest arguments selecting the tests to run). The old text must occur once.
 MUTATIONS = {
@@ -78,6 +81,27 @@ MUTATIONS = {
     "da_keeps_final_period": ("multimodal_coconut/evaluate.py",
                               'return answer[:-1].rstrip() if answer.endswith(".") else answer', "return answer",
                               [EVALUATE]),
+    "export_no_tokenizer": ("multimodal_coconut/checkpoint.py",
+                            'not item.name.startswith("rng_rank"):',
+                            'not item.name.startswith("rng_rank") and "token" not in item.name:', [TEXT, "-k", "export"]),
+    "max_latent_stage_resume_safe": ("multimodal_coconut/config.py", '"name", "save_path", "resume",',
+                                     '"name", "save_path", "resume", "max_latent_stage",',
+                                     [CONFIG, "-k", "resume_refuses"]),
+    "async_refused_on_resume": ("multimodal_coconut/config.py", '"weights_only_checkpoints", "async_checkpoint",',
+                                '"weights_only_checkpoints",', [CONFIG, "-k", "resume_refuses"]),
+    "max_new_tokens_from_val": ("multimodal_coconut/train.py", "generation_config(cfg, train_set or val_gen_set, stage)",
+                                "generation_config(cfg, val_gen_set or train_set, stage)", [TEXT, "-k", "default_max"]),
+    "max_new_tokens_stage0": ("multimodal_coconut/train.py", "generation_config(cfg, train_set or val_gen_set, stage)",
+                              "generation_config(cfg, train_set or val_gen_set, 0)", [TEXT, "-k", "default_max"]),
+    "complete_before_write": ("multimodal_coconut/checkpoint.py", "            future.result()  # raises",
+                              "            pass  # raises", [CHECKPOINT, "-k", "asynchronous"]),
+    "no_wait_after_last_epoch": ("multimodal_coconut/train.py", "    finish()\n    if test_samples:",
+                                 "    if test_samples:", [TEXT, "-k", "resumed and tiny-text"]),
+    "weights_unchecked": ("multimodal_coconut/backbone.py", "    if any(wrong.values()):", "    if False:",
+                          [TEXT, "-k", "weights_checked and tiny-text"]),
+    "text_global_step_from_zero": ("multimodal_coconut/train.py",
+                                   "steps_per_epoch(micro_batches, cfg.gradient_accumulation_steps) * cfg.resume",
+                                   "0", [TEXT, "-k", "load_model_path and tiny-text"]),
 }
 
 
@@ -109,7 +133,8 @@ def check(name: str, tests: list[str] | None) -> tuple[str, str, float]:
         if source.count(old) != 1:
             return "stale", f"{file}: the text to mutate occurs {source.count(old)} times", 0.0
         (copy / file).write_text(source.replace(old, new))
-        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--runslow",
+        # `-o addopts=` first: pyproject's own -q on top of this one would hide the summary line read below.
+        cmd = [sys.executable, "-m", "pytest", "-o", "addopts=", "-x", "-q", "-p", "no:cacheprovider", "--runslow",
                *(tests or default_tests)]
         proc = subprocess.run(cmd, cwd=copy, capture_output=True, text=True,
                               env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))

@@ -102,6 +102,49 @@ def test_optimizer_before_first_step(tmp_path):
     assert train_steps(model2, opt2, sched2, 2)[2::3] == a[2::3]
 
 
+def test_an_asynchronous_checkpoint_is_complete_only_after_its_background_writes(tmp_path, monkeypatch):
+    """async_checkpoint: the shards are written in the background; until wait() the checkpoint is a .tmp- directory,
+    and wait() marks it COMPLETE only once the slow writes have finished (COMPLETE lists their files)."""
+    import threading
+    import time
+    from concurrent.futures import Future
+
+    from multimodal_coconut import checkpoint as ckpt
+
+    written = []
+    real_save = ckpt._dcp_save
+
+    def slow_async_save(state, path, distributed, asynchronous=False, group=None):
+        assert asynchronous
+        state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}  # as DCP's CPU copy
+        future = Future()
+
+        def write():
+            time.sleep(0.5)
+            real_save(state, path, distributed)
+            written.append(path.name)
+            future.set_result(None)
+        threading.Thread(target=write).start()
+        return future
+
+    monkeypatch.setattr(ckpt, "_dcp_save", slow_async_save)
+    model, opt, sched = setup(0)
+    train_steps(model, opt, sched, 1)
+    expected = state(model)
+    pending = ckpt.start_checkpoint(tmp_path, 1, model, opt, sched, asynchronous=True, log=None)
+    assert written == [] and not (tmp_path / "checkpoint_1").exists()
+    assert find_latest_checkpoint(tmp_path, log=None) is None  # nothing resumes from a checkpoint in flight
+    train_steps(model, opt, sched, 1)  # training goes on and changes the weights meanwhile
+    assert pending.wait() == tmp_path / "checkpoint_1"
+    assert sorted(written) == ["model", "optimizer"]
+    files = json.loads((tmp_path / "checkpoint_1" / COMPLETE).read_text())["files"]
+    assert "model/__0_0.distcp" in files and "optimizer/__0_0.distcp" in files
+    model2, opt2, sched2 = setup(seed=5)
+    load_checkpoint(tmp_path / "checkpoint_1", model2, opt2, sched2)
+    for k, v in state(model2).items():
+        assert torch.equal(v, expected[k]), k
+
+
 def test_interrupted_writes_are_ignored_and_kept(tmp_path):
     model = coconut()
     save_checkpoint(tmp_path, 1, model, global_step=10, log=None)

@@ -414,6 +414,26 @@ def test_save_then_load_round_trips(tmp_path):
     assert json.loads(json.dumps(aokvqa.to_dict())) == aokvqa.to_dict()
 
 
+@pytest.mark.parametrize("change, refused", [
+    ("max_latent_stage=4", True), ("c_thought=2", True), ("epochs_per_stage=3", True), ("pad_latent_to_max=true", True),
+    ("uniform_prob=0.5", True), ("coconut=false", True), ("seed=1", True), ("lr=2e-3", True),
+    ("async_checkpoint=true", False), ("keep_checkpoints=5", False), ("num_epochs=9", False),
+    ("max_new_tokens=64", False), ("eval_batch_size=7", False), ("num_workers=2", False)])
+def test_resume_refuses_a_change_to_what_the_checkpoints_were_trained_with(tmp_path, change, refused):
+    """The curriculum, the model and the optimisation must not change under a resumed run; how checkpoints are written,
+    how long the run goes on and how it evaluates may."""
+    from multimodal_coconut.config import check_resume_config
+
+    path = write(tmp_path, BASE)
+    save_config(load_config(path), tmp_path / "run" / "config.yaml")
+    changed = load_config(path, [change])
+    if refused:
+        with pytest.raises(ConfigError, match=change.split("=")[0] + ": "):
+            check_resume_config(changed, tmp_path / "run" / "config.yaml")
+    else:
+        check_resume_config(changed, tmp_path / "run" / "config.yaml")
+
+
 # --- failing fast ---
 
 
