@@ -44,7 +44,7 @@ import torch
 from .curriculum import default_max_new_tokens
 from .inference import (Trained, decode_thoughts, evaluate_trained, load_trained, model_device, prompt_loader,
                         prompt_set, thought_attention, thought_vectors)
-from .probe import probe
+from .probe import probe, probe_picture, probe_report
 
 ABLATIONS = ("intact", "zero", "noise", "shuffle", "pause")
 PER_THOUGHT = ("zero", "shuffle", "pause")
@@ -329,22 +329,9 @@ def _pictures(result: dict, trained: Trained, samples, out: Path, norm_values: d
         ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=7)
         _save(fig, plt, out, "thought_curve.png", written)
 
-    probed = result.get("probe") or {}
-    if "decoding" in probed:
-        dec = probed["decoding"]["per_index"]
-        lin = [r for r in probed["linear"]["per_index"] if "accuracy" in r]
+    if "skipped" not in result["probe"]:
         fig, ax = plt.subplots(figsize=(6, 3.2))
-        for label, rows, key, style in (("decodes to its node (top-1)", dec, "top1", "o-"),
-                                        (f"decodes to its node (top-{result['decoding']['k']})", dec, "top_k", "o-"),
-                                        ("... another question's node (chance)", dec, "top_k_other_question", "o:"),
-                                        ("linear probe (held-out half)", lin, "accuracy", "s-"),
-                                        ("majority node (chance)", lin, "chance", "s:")):
-            pts = [(r["thought"], 100 * r[key]) for r in rows if r.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), style, label=label)
-        ax.set(xlabel="thought", ylabel="% of thoughts", ylim=(0, 100), title="is the step's node in the thought?")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.legend(fontsize=7)
+        probe_picture(ax, result["probe"], result["decoding"]["k"])
         _save(fig, plt, out, "probe.png", written)
 
     if norm_values["thoughts"]:
@@ -457,25 +444,8 @@ def _markdown(result: dict) -> str:
         for j, t in enumerate(q["thoughts"]):
             lines.append(f"  - thought {j + 1} {t['top_k']} (step: {t['step']!r}, key {t['key_words']})")
 
-    p = result["probe"]
     lines += ["", "## Probe: is the node step i arrives at in thought i?", ""]
-    if "skipped" in p:
-        lines.append(f"Skipped: {p['skipped']}.")
-    else:
-        dec, lin = p["decoding"], p["linear"]
-        lines += [f"{p['n_questions']} questions with step_nodes ({p['n_without_step_nodes']} without). Decoding: the "
-                  f"thought's top-1 / top-{d['k']} token is the node (a node of several tokens counts on its first "
-                  f"token; {dec['n_multi_token_nodes']} such nodes). Linear: logistic regression fitted on half the "
-                  f"questions (seed {lin['seed']}), accuracy on the other half; chance = that half's most common node.",
-                  "", "| thought | top-1 (%) | top-k (%) | top-k, other question's node (%) | linear probe (%) | "
-                  "chance (%) | fit / held-out | classes |", "|---|---|---|---|---|---|---|---|"]
-        linear = {r["thought"]: r for r in lin["per_index"]}
-        for r in dec["per_index"]:
-            q = linear.get(r["thought"], {})
-            classes = q.get("n_classes", q.get("skipped", "-"))
-            lines.append(f"| {r['thought']} | {_pct(r['top1'])} | {_pct(r['top_k'])} | "
-                         f"{_pct(r['top_k_other_question'])} | {_pct(q.get('accuracy'))} | {_pct(q.get('chance'))} | "
-                         f"{q.get('n_fit', '-')} / {q.get('n_test', '-')} | {classes} |")
+    lines += probe_report(result["probe"], d["k"]) + [""]
 
     n = result["norms"]
     e = n["token_embedding"]

@@ -141,3 +141,45 @@ def probe(thoughts: dict[int, torch.Tensor], tops: dict[int, list[list[str]]], s
     return {"n_questions": len(nodes), "n_without_step_nodes": len(thoughts) - len(nodes),
             "decoding": decoding_probe(tops, nodes, tokenizer),
             "linear": {"seed": seed, "l2": l2, "per_index": linear}}
+
+
+# -- report ---------------------------------------------------------------------------------------------------------
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def probe_report(p: dict, k: int) -> list[str]:
+    """Markdown lines of `probe`'s result."""
+    if "skipped" in p:
+        return [f"Skipped: {p['skipped']}."]
+    dec, lin = p["decoding"], p["linear"]
+    lines = [f"{p['n_questions']} questions with step_nodes ({p['n_without_step_nodes']} without). Decoding: the "
+             f"thought's top-1 / top-{k} token is the node (a node of several tokens also counts on its first "
+             f"non-blank token; {dec['n_multi_token_nodes']} such nodes). Linear: logistic regression fitted on half "
+             f"the questions (seed {lin['seed']}), accuracy on the other half; chance = that half's most common node.",
+             "", "| thought | top-1 (%) | top-k (%) | top-k, other question's node (%) | linear probe (%) | chance (%) "
+             "| fit / held-out | classes |", "|---|---|---|---|---|---|---|---|"]
+    linear = {r["thought"]: r for r in lin["per_index"]}
+    for r in dec["per_index"]:
+        q = linear.get(r["thought"], {})
+        lines.append(f"| {r['thought']} | {_pct(r['top1'])} | {_pct(r['top_k'])} | {_pct(r['top_k_other_question'])} "
+                     f"| {_pct(q.get('accuracy'))} | {_pct(q.get('chance'))} | {q.get('n_fit', '-')} / "
+                     f"{q.get('n_test', '-')} | {q.get('n_classes', q.get('skipped', '-'))} |")
+    return lines
+
+
+def probe_picture(ax, p: dict, k: int) -> None:
+    """Both probes per thought index on a matplotlib axis, each beside its chance level (dotted, same colour)."""
+    dec, lin = p["decoding"]["per_index"], [r for r in p["linear"]["per_index"] if "accuracy" in r]
+    for label, rows, key, style in (("decodes to its node (top-1)", dec, "top1", "C0o-"),
+                                    (f"decodes to its node (top-{k})", dec, "top_k", "C1o-"),
+                                    ("... to another question's node (chance)", dec, "top_k_other_question", "C1o:"),
+                                    ("linear probe (held-out half)", lin, "accuracy", "C3s-"),
+                                    ("majority node (chance)", lin, "chance", "C3s:")):
+        points = [(r["thought"], 100 * r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), style, label=label)
+    ax.set(xlabel="thought", ylabel="% of thoughts", ylim=(0, 100), title="is the step's node in the thought?")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=7)

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from multimodal_coconut import MultimodalCoconut
-from multimodal_coconut.analyze import (ablation_hook, analyze_trained, index_hook, main, metric_keys,
-                                        per_thought_ablations, thought_curve)
+from multimodal_coconut.analyze import ablation_hook, analyze_trained, index_hook, main, thought_curve
 from multimodal_coconut.cli import main as run_main
 from multimodal_coconut.config import Config
 from multimodal_coconut.data import load_samples
@@ -84,6 +83,8 @@ def test_text_checkpoint_analysis_end_to_end(text_run, text_val, tmp_path, capsy
     assert result["n_samples"] == 4 and result["thoughts_per_question"] == 2
     assert {name: [r["thought"] for r in rows] for name, rows in result["ablations_per_thought"].items()} == {
         "zero": [1, 2], "shuffle": [1, 2], "pause": [1, 2]}
+    assert all(0 <= r["accuracy"] <= 100 and r["written_tokens"] > 0
+               for rows in result["ablations_per_thought"].values() for r in rows)
     # Stage 3 prompts as stage 2 (max_latent_stage) does: that point is the checkpoint's, with its max_new_tokens;
     # below it the model has steps to write, and more room to write them.
     curve = result["thought_curve"]
@@ -136,10 +137,6 @@ def test_every_index_ablated_is_the_all_thought_ablation(text_trained, text_samp
     for name in ("zero", "noise", "shuffle", "pause"):
         torch.testing.assert_close(fed_thoughts(model, batch, index_hook(name, model, [1, 2], seed=3)),
                                    fed_thoughts(model, batch, ablation_hook(name, model, seed=3)), rtol=0, atol=0)
-    rows = per_thought_ablations(text_trained, text_samples, metric_keys("coconut"), 2, names=("zero",))["zero"]
-    one = evaluate_trained(text_trained, text_samples, thought_hook=index_hook("zero", model, [1]))
-    assert rows[0] == {"thought": 1, "accuracy": one["accuracy"], "written_tokens": one["written_tokens"]}
-    assert rows[1]["thought"] == 2
 
 
 # --- probes -----------------------------------------------------------------------------------------------------
