@@ -1,13 +1,16 @@
-"""Ask a trained model about an image, and see its continuous thoughts.
+"""Ask a trained model a question (about an image, for a vision-language model), and see its continuous thoughts.
 
     python -m multimodal_coconut.ask runs/demo --image photo.jpg --question "What color is the shape?"
     python -m multimodal_coconut.ask runs/demo/checkpoint_8 --image photo.jpg --question "…" --choices red blue \
         green yellow --json
+    python -m multimodal_coconut.ask runs/prosqa-coconut --question "Every yumpus is a rempus. … Is Tom a rempus?"
 
 MODEL is a run directory (its newest checkpoint), a checkpoint directory or an exported HF folder. The prompt is
 laid out, answered and mapped to a choice exactly as training's evaluation does (inference.answer_question); the
-number of thoughts is the checkpoint's curriculum stage unless --thoughts says otherwise. Bad input (a missing or
-unreadable image, an empty question, a folder that is not a usable model) is one line on stderr and exit code 2.
+number of thoughts is the checkpoint's curriculum stage unless --thoughts says otherwise. A text-only model takes no
+--image; a vision-language model needs one, unless it was trained on the jsonl format, whose rows may have no image
+(inference.check_images). Bad input (a missing or unreadable image, an image the model cannot take or an image
+missing, an empty question, a folder that is not a usable model) is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from .inference import InputError, LoadError, answer_question, default_device, l
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m multimodal_coconut.ask", description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="run directory, checkpoint_N directory or exported HF folder")
-    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--image", default=None,
+                   help="image file (a vision-language model needs one; a text-only model takes none)")
     p.add_argument("--question", required=True)
     p.add_argument("--choices", nargs="+", default=[], help="multiple-choice options (the answer is one of them)")
     p.add_argument("--thoughts", type=int, default=None, metavar="N",

@@ -36,7 +36,7 @@ from .backbone import Backbone, load_backbone
 from .config import Config
 from .curriculum import CoconutDataset, Collator, LengthGroupedBatchSampler, Mode
 from .data import Sample, SkipReport
-from .evaluate import clean_direct_answer, extract_answer, make_predictions
+from .evaluate import clean_direct_answer, coconut_answer, extract_answer, make_predictions
 from .model import MultimodalCoconut
 
 
@@ -265,10 +265,37 @@ def question_sample(image: str | Path | None, question: str, choices: list[str] 
                   steps=[], answer=None, split="test", source="")
 
 
+def needs_image(trained: Trained) -> bool:
+    """Whether every question to this model comes with an image: a vision-language model trained on A-OKVQA or the
+    built-in set, whose questions all have one. A text-only model takes none; a model trained on the jsonl format
+    (where a row may have no image) takes either."""
+    return trained.backbone.is_multimodal and trained.config.dataset != "jsonl"
+
+
+def check_images(trained: Trained, samples: list[Sample]) -> None:
+    """InputError naming the model (and, among several questions, the first misfit) when `samples` have images the
+    model cannot take (a text-only model) or lack images it needs (`needs_image`)."""
+    cfg = trained.config
+    if not trained.backbone.is_multimodal:
+        misfit = next((s for s in samples if s.image is not None), None)
+        problem = f"a text-only language model ({cfg.model_id}), which cannot take an image"
+    elif needs_image(trained):
+        misfit = next((s for s in samples if s.image is None), None)
+        problem = (f"a vision-language model trained on dataset {cfg.dataset!r}, whose questions all have an image; "
+                   "give an image with the question")
+    else:
+        return
+    if misfit is not None:
+        which = "" if len(samples) == 1 else f" (question {misfit.question_id!r} of {len(samples)})"
+        raise InputError(f"{trained.path}: {problem}{which}")
+
+
 def prompt_set(trained: Trained, samples: list[Sample], stage: int | None = None) -> CoconutDataset:
     """The generation prompts of `samples` at `stage` (default: the checkpoint's), built by the dataset training's
-    evaluation uses, so the layout (image tokens, question, choices line, markers and thoughts) is the same."""
+    evaluation uses, so the layout (image tokens, question, choices line, markers and thoughts) is the same.
+    InputError when the questions' images do not fit the model (`check_images`)."""
     cfg = trained.config
+    check_images(trained, samples)
     return CoconutDataset(samples, trained.backbone, trained.mode, trained.stage if stage is None else stage,
                           train=False, max_length=cfg.max_length, seed=cfg.seed, epoch=0,
                           skip_bad_records=cfg.skip_bad_records, report=SkipReport())
@@ -299,14 +326,16 @@ def autocast_for(trained: Trained):
 
 @dataclass
 class Answered:
-    """One answered question: the generated text, the answer (the chosen choice when there are choices, mapped as
-    the evaluation maps it; else the text after `###`), the stage prompted at and the top tokens of each thought.
-    `batch` is the prompt batch (for `thought_attention`)."""
+    """One answered question: the generated text, the answer as the run's evaluation reads it (the chosen choice
+    when there are choices, mapped as the evaluation maps it; else the text after `###`; dataset coconut: the
+    original Coconut's rule, `evaluate.coconut_answer`), the stage prompted at and the top tokens of each thought.
+    `multiple_choice` and `direct_answer` are A-OKVQA's prediction fields (None for dataset coconut). `batch` is the
+    prompt batch (for `thought_attention`)."""
 
     question: str
     generated: str
     answer: str
-    direct_answer: str
+    direct_answer: str | None
     multiple_choice: str | None
     stage: int
     thoughts: list[list[str]]
@@ -323,19 +352,24 @@ class Answered:
 def answer_question(trained: Trained, sample: Sample, *, stage: int | None = None, top_k: int = 5) -> Answered:
     """Answer one question (a `question_sample`) with the continuous thoughts of `stage` (default: the
     checkpoint's), decoding each thought's top-k tokens. The same prompt, generation and answer mapping as
-    training's evaluation."""
-    if sample.image is not None and not trained.backbone.is_multimodal:
-        raise InputError(f"{trained.path}: a text-only language model, which cannot take an image")
+    training's evaluation. InputError for an image the model cannot take or one it needs (`check_images`), and for
+    choices to a model trained on the original Coconut's format (it has none: nothing to map an answer to)."""
+    if sample.choices and trained.config.dataset == "coconut":
+        raise InputError(f"{trained.path}: trained on dataset 'coconut' (the original Coconut's question, steps, "
+                         "answer), whose questions have no choices; ask without choices")
     dataset = prompt_set(trained, [sample], stage)
     batch = to_device(Collator(trained.backbone)([dataset[0]]), model_device(trained))
     tok = trained.backbone.tokenizer
     text = generate_texts(trained.model.generate, [batch], [sample], tok, max_new_tokens=trained.config.max_new_tokens,
                           device=model_device(trained), autocast=autocast_for(trained), progress=False)
     text = text[sample.question_id]
+    thoughts = decode_thoughts(trained.model, tok, thought_vectors(trained.model, batch)[0], k=top_k)
+    if trained.config.dataset == "coconut":
+        return Answered(question=sample.question, generated=text, answer=coconut_answer(text), direct_answer=None,
+                        multiple_choice=None, stage=dataset.stage, thoughts=thoughts, batch=batch)
     raw = extract_answer(text)
     mc = make_predictions([sample], {sample.question_id: text})[sample.question_id]["multiple_choice"] \
         if sample.choices else None
-    thoughts = decode_thoughts(trained.model, tok, thought_vectors(trained.model, batch)[0], k=top_k)
     return Answered(question=sample.question, generated=text, answer=mc if mc is not None else raw,
                     direct_answer=clean_direct_answer(raw), multiple_choice=mc, stage=dataset.stage,
                     thoughts=thoughts, batch=batch)

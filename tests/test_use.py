@@ -143,6 +143,7 @@ def bad_inputs(run, image, tmp_path):
         ([str(run), "--image", str(not_an_image), *q], "notes.jpg: not a readable image"),
         ([str(run), "--image", str(tmp_path), *q], "is a directory, not an image file"),
         ([str(run), "--image", image, "--question", "  "], "the question is empty"),
+        ([str(run), *q], "trained on dataset 'builtin', whose questions all have an image; give an image"),
         ([str(incomplete), "--image", image, *q], "checkpoint_2: an incomplete checkpoint"),
         ([str(no_weights), "--image", image, *q], "exported: cannot load the model"),
         ([str(other_model), "--image", image, *q], "other_model: not a Multimodal CoCoNuT checkpoint"),
