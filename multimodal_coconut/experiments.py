@@ -26,6 +26,10 @@ checkpoint. Each finished run's newest checkpoint is then answered once more by 
 code training's evaluation runs) to count what it generates and time it; that is cached in eval.json beside it.
 On the built-in set the data is generated once into DIR/data, so every row and seed reads the same files.
 
+The accuracies are those the data set defines, as training's metrics.jsonl has them (`METRICS`): A-OKVQA's
+multiple-choice and direct-answer accuracy on A-OKVQA and the built-in set, the original Coconut's accuracy and CoT
+match on its format (dataset coconut, e.g. args/prosqa_coconut.yaml), accuracy on jsonl.
+
 Writes DIR/results.json (every run and the mean / std over seeds per row), DIR/results.md (the table) and
 DIR/results.png (accuracy per epoch for each row, accuracy against generated tokens).
 """
@@ -61,6 +65,16 @@ QUICK = ["builtin_train_size=32", "builtin_val_size=8", "batch_size_training=8",
          "max_latent_stage=1", "num_epochs=2", "max_new_tokens=24", "num_examples_to_print=0"]
 QUICK_WARMUP = 1
 WARMUP_ROW = ["coconut=false", "cot=true"]
+# The accuracies each dataset's evaluation writes to metrics.jsonl (evaluate.score_generations), with their column
+# names; the first is the headline (the plot's).
+METRICS = {"coconut": {"accuracy": "acc. (%)", "cot_accuracy": "CoT match (%)"},
+           "jsonl": {"accuracy": "acc. (%)"}}
+AOKVQA_METRICS = {"mc_accuracy": "MC acc. (%)", "da_accuracy": "DA acc. (%)"}
+
+
+def metrics_of(dataset: str) -> dict[str, str]:
+    """{metric key: column name} of the accuracies `dataset`'s evaluation reports."""
+    return METRICS.get(dataset, AOKVQA_METRICS)
 RUN_CODE = "import sys; from multimodal_coconut.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
@@ -111,13 +125,14 @@ def train_runs(jobs: list[tuple[str, Path, list[str]]], config: str, parallel: i
                 print(f"finished {name}", flush=True)
 
 
-def evaluate_run(run_dir: Path) -> dict:
-    """Accuracy, generated tokens and inference time of the run's newest checkpoint (cached in eval.json)."""
+def evaluate_run(run_dir: Path, keys: list[str]) -> dict:
+    """The accuracies `keys`, generated tokens and inference time of the run's newest checkpoint (cached in
+    eval.json), with the accuracies its training's last evaluation wrote (train_{key}) and its curves."""
     cache = run_dir / "eval.json"
     metrics = read_metrics(run_dir)
     if cache.exists():
         result = json.loads(cache.read_text())
-        if result.get("epoch") == metrics[-1]["epoch"]:
+        if result.get("epoch") == metrics[-1]["epoch"] and all(k in result for k in keys):
             return result
     from .data import load_samples
     from .inference import evaluate_trained, load_trained
@@ -128,12 +143,11 @@ def evaluate_run(run_dir: Path) -> dict:
                            answer_from=cfg.answer_from, skip_bad_records=cfg.skip_bad_records,
                            max_samples=cfg.max_val_samples)
     ev = evaluate_trained(trained, samples)
-    result = {k: ev[k] for k in ("mc_accuracy", "da_accuracy", "written_tokens", "thoughts", "inference_s")}
+    result = {k: ev.get(k) for k in (*keys, "written_tokens", "thoughts", "inference_s")}
     result.update(epoch=metrics[-1]["epoch"], stage=trained.stage,
                   train_s=round(sum(m.get("wall_time_s") or 0 for m in metrics), 1),
-                  train_mc_accuracy=metrics[-1].get("mc_accuracy"), curve=[
-                      {k: m.get(k) for k in ("epoch", "stage", "train_loss", "val_loss", "mc_accuracy", "da_accuracy")}
-                      for m in metrics])
+                  **{f"train_{k}": metrics[-1].get(k) for k in keys},
+                  curve=[{k: m.get(k) for k in ("epoch", "stage", "train_loss", "val_loss", *keys)} for m in metrics])
     cache.write_text(json.dumps(result, indent=1))
     return result
 
@@ -145,33 +159,33 @@ def _mean_std(values: list) -> tuple[float | None, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarise(runs: dict[str, dict[int, dict]]) -> dict:
-    """Per row: mean and std over seeds of every number of the table."""
+def summarise(runs: dict[str, dict[int, dict]], keys: list[str]) -> dict:
+    """Per row: mean and std over seeds of every number of the table (the accuracies `keys` first)."""
     table = {}
     for key, name, _ in ROWS:
         if key not in runs:
             continue
         seeds = runs[key]
         row = {"name": name, "seeds": sorted(seeds)}
-        for field in ("mc_accuracy", "da_accuracy", "written_tokens", "thoughts", "train_s", "inference_s"):
+        for field in (*keys, "written_tokens", "thoughts", "train_s", "inference_s"):
             row[field], row[f"{field}_std"] = _mean_std([r[field] for r in seeds.values()])
         table[key] = row
     return table
 
 
-def format_table(table: dict, setting: str) -> str:
+def format_table(table: dict, setting: str, metrics: dict[str, str]) -> str:
+    """The markdown table: one column per accuracy of `metrics` ({key: column name}), then the costs."""
     def cell(row, field, digits=1):
         mean, std = row[field], row[f"{field}_std"]
         return "-" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
+    columns = [*metrics.values(), "written tokens", "thoughts", "train (s)", "inference (s)"]
     lines = [f"Mean ± std over seeds; {setting}.", "",
-             "| method | seeds | MC acc. (%) | DA acc. (%) | written tokens | thoughts | train (s) | inference (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| method | seeds | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for row in table.values():
-        seeds = ",".join(map(str, row["seeds"]))
-        lines.append(f"| {row['name']} | {seeds} | {cell(row, 'mc_accuracy')} | {cell(row, 'da_accuracy')} | "
-                     f"{cell(row, 'written_tokens')} | {cell(row, 'thoughts')} | {cell(row, 'train_s', 0)} | "
-                     f"{cell(row, 'inference_s', 1)} |")
+        cells = [cell(row, k) for k in metrics] + [cell(row, "written_tokens"), cell(row, "thoughts"),
+                                                   cell(row, "train_s", 0), cell(row, "inference_s", 1)]
+        lines.append(f"| {row['name']} | {','.join(map(str, row['seeds']))} | " + " | ".join(cells) + " |")
     lines += ["", "written tokens: new tokens per question before EOS (steps, `### `, the answer); thoughts: latent "
               "positions per question (counted as generated tokens in the paper's table); train: wall time of all "
               "epochs, their evaluations included; inference: answering the validation set once. Times are on a "
@@ -251,10 +265,11 @@ def main(argv: list[str] | None = None) -> int:
         train_runs(first, args.config, args.jobs)
         train_runs(then, args.config, args.jobs)
 
+    metrics = metrics_of(cfg.dataset)
     runs: dict[str, dict[int, dict]] = {}
     for (key, seed), run_dir in dirs.items():
-        runs.setdefault(key, {})[seed] = evaluate_run(run_dir)
-    table = summarise(runs)
+        runs.setdefault(key, {})[seed] = evaluate_run(run_dir, list(metrics))
+    table = summarise(runs, list(metrics))
     setting = (f"config {args.config} with {' '.join(base) or 'no overrides'}: {cfg.num_epochs} epochs, "
                f"{cfg.epochs_per_stage} per stage, max_latent_stage {cfg.max_latent_stage}, c_thought {cfg.c_thought}")
     if warmup:
@@ -262,10 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         setting += (f"; every row but No-CoT starts from {warmup} epochs of CoT (its stage 0) and trains {after} "
                     f"more; No-CoT trains {after + warmup} from the backbone")
     results = {"setting": setting, "config": args.config, "overrides": base, "cot_warmup": warmup,
-               "seeds": sorted({s for _, s in dirs}), "rows": table,
+               "dataset": cfg.dataset, "metrics": metrics, "seeds": sorted({s for _, s in dirs}), "rows": table,
                "runs": {k: {str(s): r for s, r in v.items()} for k, v in runs.items()}}
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    markdown = format_table(table, setting)
+    markdown = format_table(table, setting, metrics)
     (args.out / "results.md").write_text(markdown + "\n")
     from .plot import write_results_plot
 

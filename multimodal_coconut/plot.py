@@ -67,25 +67,29 @@ def write_curves(run_dir: str | Path) -> Path | None:
 
 
 def write_results_plot(results: dict, out: str | Path) -> Path:
-    """The experiment table's picture: MC accuracy per epoch for each row (mean over seeds, stages marked), and MC
-    accuracy against tokens per answer (written + thoughts), with the std over seeds as error bars."""
+    """The experiment table's picture: the headline accuracy per epoch for each row (mean over seeds, stages marked),
+    and that accuracy against tokens per answer (written + thoughts), with the std over seeds as error bars. The
+    headline is the first of results["metrics"] ({key: column name}, the data set's accuracies; A-OKVQA's MC
+    accuracy when absent)."""
+    key, label = next(iter((results.get("metrics") or {"mc_accuracy": "MC acc. (%)"}).items()))
+    label = "val " + label.replace("acc.", "accuracy")
     plt = _pyplot()
     fig, (curve_ax, cost_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, row in results["rows"].items():
-        curves = [r["curve"] for r in results["runs"][key].values()]
+    for row_key, row in results["rows"].items():
+        curves = [r["curve"] for r in results["runs"][row_key].values()]
         n = min(len(c) for c in curves)
         epochs = [curves[0][i]["epoch"] for i in range(n)]
-        acc = [sum(c[i]["mc_accuracy"] or 0 for c in curves) / len(curves) for i in range(n)]
+        acc = [sum(c[i][key] or 0 for c in curves) / len(curves) for i in range(n)]
         curve_ax.plot(epochs, acc, marker="o", label=row["name"])
         tokens = row["written_tokens"] + row["thoughts"]
-        cost_ax.errorbar(tokens, row["mc_accuracy"], yerr=row["mc_accuracy_std"], xerr=row["written_tokens_std"],
+        cost_ax.errorbar(tokens, row[key], yerr=row[f"{key}_std"], xerr=row["written_tokens_std"],
                          marker="o", capsize=3, label=row["name"])
     coconut = results["runs"].get("coconut")
     if coconut:
         curve = next(iter(coconut.values()))["curve"]
         _stage_marks(curve_ax, [m["epoch"] for m in curve], [m["stage"] for m in curve])
-    curve_ax.set(xlabel="epoch (Coconut's stage marked)", ylabel="val MC accuracy (%)", ylim=(0, 100))
-    cost_ax.set(xlabel="tokens per answer (written + thoughts)", ylabel="val MC accuracy (%)", ylim=(0, 100))
+    curve_ax.set(xlabel="epoch (Coconut's stage marked)", ylabel=label, ylim=(0, 100))
+    cost_ax.set(xlabel="tokens per answer (written + thoughts)", ylabel=label, ylim=(0, 100))
     curve_ax.legend(fontsize=8)
     cost_ax.legend(fontsize=8)
     fig.tight_layout()
