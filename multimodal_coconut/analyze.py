@@ -13,7 +13,8 @@ attention_layers, attention_image}.png (each where it applies):
   evaluation, so it equals that evaluation of this checkpoint on this data), and with every fed thought replaced by
   zeros ("zero"), by Gaussian noise of the thought's own norm ("noise"), by the thought another question of the batch
   computed at the same index ("shuffle": the batch rolled by one row; a question alone in its batch keeps its own,
-  counted), or by the <|latent|> token's embedding ("pause", what the thought would be without Coconut's feedback).
+  counted; where that row has fewer thoughts, its hidden state at the same column), or by the <|latent|> token's
+  embedding ("pause", what the thought would be without Coconut's feedback).
   A replaced thought feeds the next one, so later thoughts are computed from the replacement, as at test time.
 * ablations per thought: the same with only thought i replaced (zero / shuffle / pause), for each i.
 * accuracy against the number of thoughts (the paper's Figure 3): the prompt built at stage s = 0 .. max_latent_stage
@@ -100,8 +101,13 @@ def ablations(trained: Trained, samples, metrics, seed: int = 0) -> dict:
 
 def per_thought_ablations(trained: Trained, samples, metrics, n_thoughts: int, names=PER_THOUGHT) -> dict:
     """{ablation: [row of thought 1, ..., row of thought n]}: only thought i replaced, i = 1 .. n."""
-    return {name: [{"thought": i, **_row(evaluate_trained(trained, samples, thought_hook=index_hook(
-        name, trained.model, [i])), metrics)} for i in range(1, n_thoughts + 1)] for name in names}
+    out = {}
+    for name in names:
+        out[name] = []
+        for i in range(1, n_thoughts + 1):
+            ev = evaluate_trained(trained, samples, thought_hook=index_hook(name, trained.model, [i]))
+            out[name].append({"thought": i, **_row(ev, metrics)})
+    return out
 
 
 # -- accuracy against the number of thoughts ---------------------------------------------------------------------
@@ -122,7 +128,7 @@ def thought_curve(trained: Trained, samples, metrics) -> dict:
     """Accuracy and written tokens with the prompt at each stage 0 .. max_latent_stage (s * c_thought latents)."""
     mode = trained.mode
     if not mode.markers or mode.thoughts_per_step == 0:
-        kind = "cot" if mode.cot else "no_cot" if mode.no_cot else "no_thoughts"
+        kind = "cot" if mode.cot else "no_cot" if mode.no_cot else "no_thoughts" if mode.no_thoughts else "c_thought 0"
         return {"skipped": f"a {kind} checkpoint: its prompts hold no thoughts to vary"}
     own = min(trained.stage, mode.max_latent_stage)
     points = []
@@ -137,8 +143,6 @@ def thought_curve(trained: Trained, samples, metrics) -> dict:
 
 
 # -- decoding ---------------------------------------------------------------------------------------------------
-
-
 
 def _builtin_words() -> set[str]:
     from .builtin_data import COLORS, SHAPES
