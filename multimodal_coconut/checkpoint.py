@@ -365,10 +365,23 @@ def _move_aside(path: Path, reason: str, log: Callable[[str], None] | None) -> P
 
 
 def fault_point(name: str) -> None:
-    """Kill this process at a named point when MMC_FAULT=name: how the tests crash a run deterministically
-    (mid-epoch, mid-checkpoint) to prove that re-running resumes to the same result. A no-op otherwise."""
-    if os.environ.get("MMC_FAULT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Kill this process (SIGKILL) at a named point: how the tests crash a run deterministically (mid-step, mid-
+    generation, mid-checkpoint) to prove that a re-run, or torchrun's restart, ends as an uninterrupted run. A no-op
+    unless MMC_FAULT names the point.
+
+    MMC_FAULT is a comma-separated list, one fault per torchrun attempt: the i-th fires in attempt i
+    (TORCHELASTIC_RESTART_COUNT, 0 outside torchrun), so `train_step:3@1,generate:2@0` kills rank 1 at optimizer step
+    3, then, in the restarted workers, rank 0 during epoch 2's generation. Without `@rank` every rank dies there.
+    A `~stop` suffix stops the process (SIGSTOP) instead: a hung rank whose peers wait for it.
+    """
+    faults = [f for f in os.environ.get("MMC_FAULT", "").split(",") if f]
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt >= len(faults):
+        return
+    fault, _, how = faults[attempt].partition("~")
+    point, _, rank = fault.partition("@")
+    if point == name and (not rank or rank == os.environ.get("RANK", "0")):
+        os.kill(os.getpid(), signal.SIGSTOP if how == "stop" else signal.SIGKILL)
 
 
 def save_checkpoint(save_dir: str | os.PathLike, epoch: int, model: nn.Module | Mapping[str, torch.Tensor],
@@ -456,8 +469,8 @@ def start_checkpoint(save_dir: str | os.PathLike, epoch: int, model: nn.Module |
             _torch_save([{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
                         tmp / OPTIMIZER_GROUPS_FILE)
     _torch_save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    fault_point(f"checkpoint_write:{epoch}")  # asynchronous: while the background writes are in flight
     if rank == 0:
-        fault_point(f"checkpoint_write:{epoch}")
         if model_files is not None:
             model_files(tmp)
         if scheduler is not None:

@@ -171,6 +171,8 @@ class Config:
     """Compute the LM head only at labelled positions in training, to save memory (same loss)."""
     distributed: Literal["ddp", "fsdp"] = "ddp"
     """How the model is spread over processes under torchrun."""
+    dist_timeout_minutes: float = 30.0
+    """Under torchrun: joining the process group, or a collective, that has not completed after this long is an error naming the rank (a dead peer then ends the workers, which torchrun --max-restarts restarts, instead of a hang)."""
 
     # --- evaluation ---
     eval_batch_size: int | None = None
@@ -232,6 +234,8 @@ class Config:
             value = getattr(self, key)
             _check(value is None or value >= 0, [key], f"key '{key}' must be >= 0, got {value}")
         _check(self.lr > 0, ["lr"], f"key 'lr' must be > 0, got {self.lr}")
+        _check(self.dist_timeout_minutes > 0, ["dist_timeout_minutes"],
+               f"key 'dist_timeout_minutes' must be > 0, got {self.dist_timeout_minutes}")
         _check(0.0 <= self.lora_dropout < 1.0, ["lora_dropout"],
                f"key 'lora_dropout' must be in [0, 1), got {self.lora_dropout}")
         _check(0.0 <= self.uniform_prob <= 1.0, ["uniform_prob"],
@@ -506,7 +510,7 @@ RESUME_SAFE_KEYS = frozenset({
     "name", "save_path", "resume", "load_model_path", "num_epochs", "only_eval", "num_workers",
     "gradient_checkpointing", "save_only_improve", "eval_batch_size", "max_new_tokens", "eval_every_epoch", "num_examples_to_print",
     "max_val_samples", "test_path", "tensorboard", "wandb", "project", "log_every", "export_hf", "allow_config_change",
-    "builtin_regenerate", "distributed", "keep_checkpoints", "weights_only_checkpoints", "async_checkpoint",
+    "builtin_regenerate", "distributed", "dist_timeout_minutes", "keep_checkpoints", "weights_only_checkpoints", "async_checkpoint",
 })
 
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -35,23 +36,48 @@ class DistEnv:
         return self.world_size > 1
 
 
-def setup() -> DistEnv:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK), or run as a single process."""
+def setup(timeout_minutes: float = 30.0) -> DistEnv:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK), or run as a single process.
+
+    Collectives and the setup itself time out after `timeout_minutes` (dist_timeout_minutes) with an error instead of
+    waiting for a dead peer forever, so that torchrun's elastic agent can restart the workers.
+    """
     if "RANK" not in os.environ:
         return DistEnv(device=torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    timeout = timedelta(minutes=timeout_minutes)
+    kwargs = dict(rank=rank, world_size=world_size, timeout=timeout, store=_attempt_store(rank, world_size, timeout))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         # NCCL takes only CUDA tensors. Our own collectives put their tensors on `device` (they then go through NCCL);
         # Gloo beside it serves CPU tensors all the same (object collectives, distributed checkpointing), so a CPU
         # tensor in a collective is never a crash on GPUs.
-        dist.init_process_group(GPU_BACKEND, device_id=device, timeout=timedelta(minutes=30))
+        backend, kwargs["device_id"] = GPU_BACKEND, device
     else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo", timeout=timedelta(minutes=30))
+        device, backend = torch.device("cpu"), "gloo"
+    try:
+        dist.init_process_group(backend, **kwargs)
+    except (RuntimeError, dist.DistError) as e:
+        raise RuntimeError(f"rank {rank} of {world_size}: joining the process group ({backend}, "
+                           f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}, torchrun attempt "
+                           f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}) failed within dist_timeout_minutes="
+                           f"{timeout_minutes:g}: {e}") from e
     return DistEnv(rank, world_size, local_rank, device)
+
+
+def _attempt_store(rank: int, world_size: int, timeout: timedelta):
+    """The rendezvous store of this torchrun attempt: the store torchrun's env:// describes, its keys prefixed by the
+    restart count. torchrun restarts the workers against the same TCPStore (static and c10d rendezvous alike), which
+    still holds the keys of the process group of the attempt before, e.g. the address of a rank that was killed:
+    without the prefix, the restarted ranks read them and connect to dead peers (Gloo: "Connection refused") or wait
+    forever. None outside torchrun (plain env://)."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+    return dist.PrefixStore(f"multimodal_coconut/attempt_{attempt}/", store)
 
 
 def teardown() -> None:
@@ -59,16 +85,29 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+@contextmanager
+def _named(operation: str):
+    """A collective that fails (a dead peer, or none within dist_timeout_minutes: a hung one) is an error naming this
+    rank and the operation, so the log of a failed attempt says which rank waited for what."""
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as e:
+        raise RuntimeError(f"rank {dist.get_rank()} of {dist.get_world_size()}: {operation} did not complete (a peer "
+                           "died, or none arrived within dist_timeout_minutes): " + " ".join(str(e).split())) from e
+
+
 def barrier() -> None:
     if dist.is_initialized():
-        dist.barrier()
+        with _named("barrier"):
+            dist.barrier()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (a copy; the identity without a process group)."""
     t = t.detach().clone()
     if dist.is_initialized():
-        dist.all_reduce(t)
+        with _named("all_reduce (sum)"):
+            dist.all_reduce(t)
     return t
 
 
@@ -77,7 +116,8 @@ def all_reduce_max(value: int | float, device: torch.device) -> int | float:
     if not dist.is_initialized():
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    with _named("all_reduce (max)"):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return type(value)(t.item())
 
 
@@ -87,7 +127,8 @@ def broadcast_object(obj):
     if not dist.is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    with _named("broadcast_object_list"):
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 

@@ -38,7 +38,7 @@ from .model import MultimodalCoconut
 
 def run(cfg: Config) -> list[dict]:
     """Join the process group torchrun set up (if any), train and evaluate, leave the group."""
-    env = distributed.setup()
+    env = distributed.setup(timeout_minutes=cfg.dist_timeout_minutes)
     try:
         return fit(cfg, env)
     finally:
@@ -494,7 +494,7 @@ def evaluate(wrapped, model, backbone, cfg: Config, env, epoch: int, stage: int,
     generate = model.generate if not fsdp else wrapped.generate  # FSDP registered generate as a forward method
     generated = generate_texts(generate, loader, samples, backbone.tokenizer, max_new_tokens=cfg.max_new_tokens,
                                device=env.device, synced_gpus=fsdp, autocast=autocast, desc=f"generate ({split})",
-                               progress=env.master)
+                               progress=env.master, on_batch=lambda _: ckpt.fault_point(f"generate:{epoch + 1}"))
     if fsdp:  # FSDP2 keeps the root unsharded after a no-grad forward; the optimizer and checkpoints need shards
         wrapped.reshard()
     generated = gather_generations(generated)

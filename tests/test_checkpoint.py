@@ -111,7 +111,7 @@ def test_an_asynchronous_checkpoint_is_complete_only_after_its_background_writes
 
     from multimodal_coconut import checkpoint as ckpt
 
-    written = []
+    written, may_write = [], threading.Event()
     real_save = ckpt._dcp_save
 
     def slow_async_save(state, path, distributed, asynchronous=False, group=None):
@@ -119,7 +119,8 @@ def test_an_asynchronous_checkpoint_is_complete_only_after_its_background_writes
         state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}  # as DCP's CPU copy
         future = Future()
 
-        def write():
+        def write():  # not before the test calls wait(), then slowly
+            may_write.wait()
             time.sleep(0.5)
             real_save(state, path, distributed)
             written.append(path.name)
@@ -135,8 +136,9 @@ def test_an_asynchronous_checkpoint_is_complete_only_after_its_background_writes
     assert written == [] and not (tmp_path / "checkpoint_1").exists()
     assert find_latest_checkpoint(tmp_path, log=None) is None  # nothing resumes from a checkpoint in flight
     train_steps(model, opt, sched, 1)  # training goes on and changes the weights meanwhile
+    may_write.set()
     assert pending.wait() == tmp_path / "checkpoint_1"
-    assert sorted(written) == ["model", "optimizer"]
+    assert sorted(written) == ["model", "optimizer"]  # wait() returned only once both writes were done
     files = json.loads((tmp_path / "checkpoint_1" / COMPLETE).read_text())["files"]
     assert "model/__0_0.distcp" in files and "optimizer/__0_0.distcp" in files
     model2, opt2, sched2 = setup(seed=5)

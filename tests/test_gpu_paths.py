@@ -127,7 +127,7 @@ def test_checkpoint_and_export_load_on_their_own(trained_run):
     single = load_safetensors(out / "single.safetensors")
     for name, tensor in exported.state_dict().items():
         assert torch.equal(tensor, saved[name]) and torch.equal(single[name], saved[name]), name
-    assert "<|latent|>" in AutoTokenizer.from_pretrained(ckpt).get_vocab()
+    assert "<|latent|>" in AutoTokenizer.from_pretrained(out).get_vocab()  # the export carries the tokenizer
     # The run directory, the checkpoint and the export load to the same model at the same stage.
     loaded = [load_trained(p) for p in (trained_run, ckpt, trained_run / "hf_model")]
     assert [t.path for t in loaded[:2]] == [ckpt, ckpt]
