@@ -22,6 +22,10 @@ Steps. The built-in set has ordered `steps`, and a record's own `steps` field al
   to the original Coconut's step-by-step chains but dropping two thirds of the annotation.
 * `none`: no steps (a question -> answer baseline under any curriculum).
 
+Any record with its own `steps` may also carry `step_nodes`, one string per step: what that step arrives at (the
+hops task of builtin_data.py writes them; analyze.py's probe reads them as the targets of the thoughts). They are
+checked (one per step) and kept in `Sample.step_nodes`, else None.
+
 Answers: `answer_from: choice` trains on `choices[correct_choice_idx]`; `direct` on the most common of the ten
 direct answers (ties go to the one listed first). The test split has no answers: its samples have `answer=None`
 and can be predicted but not trained on.
@@ -127,6 +131,7 @@ class Sample:
     split: str | None = None  # train / val / test
     source: str = ""  # the data file the record came from (for error messages)
     row: int | None = None  # index of the record in that file
+    step_nodes: list[str] | None = None  # what each step arrives at (the hops task), one per step; None if unknown
 
     def image_name(self) -> str:
         """The image as error messages name it: its path, or the record's place in the parquet file."""
@@ -332,6 +337,7 @@ def _to_sample(record, file, row, dataset, image_root, steps_from, answer_from) 
     if not all(isinstance(s, str) and s.strip() for s in steps):
         raise bad("steps", f"expected a list of non-empty strings, got {steps!r}")
     steps = [" ".join(s.split()) for s in steps]  # one line each: the layout puts one step per line
+    step_nodes = _step_nodes(record, steps, bad)
 
     answer = None
     if annotated:
@@ -349,7 +355,8 @@ def _to_sample(record, file, row, dataset, image_root, steps_from, answer_from) 
 
     return Sample(question_id=qid, image=image, question=question.strip(), choices=list(choices),
                   correct_choice_idx=correct, direct_answers=None if direct is None else list(direct),
-                  difficult_direct_answer=difficult, steps=steps, answer=answer, split=split, source=file, row=row)
+                  difficult_direct_answer=difficult, steps=steps, answer=answer, split=split, source=file, row=row,
+                  step_nodes=step_nodes)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -423,6 +430,20 @@ def _steps(record: dict, bad) -> list[str]:
     return steps
 
 
+def _step_nodes(record: dict, steps: list[str], bad) -> list[str] | None:
+    """The record's optional `step_nodes` (the hops task: the node each step arrives at), one per own step."""
+    nodes = record.get("step_nodes")
+    if nodes is None:
+        return None
+    if not isinstance(nodes, list) or not all(isinstance(n, str) and n.strip() for n in nodes):
+        raise bad("step_nodes", f"expected a list of non-empty strings, got {nodes!r}")
+    if record.get("steps") is None:
+        raise bad("step_nodes", "given without the record's own 'steps' (one node per step)")
+    if len(nodes) != len(steps):
+        raise bad("step_nodes", f"{len(nodes)} nodes for {len(steps)} steps: expected one per step")
+    return list(nodes)
+
+
 def _record_checker(record, file, row, default_id, id_field):
     """(question_id, bad): the record's id (or `default_id`) and a DataError factory naming file, id and field."""
     if not isinstance(record, dict):
@@ -455,7 +476,8 @@ def _coconut_sample(record, file, row, default_id, image_root) -> Sample:
     steps = _steps(record, bad)
     answer = _text(record, "answer", bad)
     return Sample(question_id=qid, image=None, question=question, choices=[], correct_choice_idx=None,
-                  direct_answers=None, difficult_direct_answer=False, steps=steps, answer=answer, source=file, row=row)
+                  direct_answers=None, difficult_direct_answer=False, steps=steps, answer=answer, source=file, row=row,
+                  step_nodes=_step_nodes(record, steps, bad))
 
 
 def _jsonl_sample(record, file, row, default_id, image_root) -> Sample:
@@ -487,8 +509,9 @@ def _jsonl_sample(record, file, row, default_id, image_root) -> Sample:
                 raise bad("answer", f"{answer!r} is not one of the choices {choices}", "answer not among the choices")
             correct = (exact or loose)[0]
             answer = choices[correct]
+    steps = [" ".join(s.split()) for s in _steps(record, bad)]
     return Sample(question_id=qid, image=None if image is None else os.path.join(os.fspath(image_root), image),
                   question=question.strip(), choices=list(choices or []), correct_choice_idx=correct,
                   direct_answers=None, difficult_direct_answer=False,
-                  steps=[" ".join(s.split()) for s in _steps(record, bad)],
-                  answer=None if answer is None else " ".join(answer.split()), source=file, row=row)
+                  steps=steps, answer=None if answer is None else " ".join(answer.split()), source=file, row=row,
+                  step_nodes=_step_nodes(record, steps, bad))
