@@ -139,6 +139,14 @@ class Config:
     # --- images ---
     image_size: int | None = None
     """Side of one image tile in pixels; null = the checkpoint's (InternVL3: 448, tiny: 64). Another value is an error."""
+    builtin_task: Literal["shapes", "hops", "hops_text"] = "shapes"
+    """What dataset builtin generates: 'shapes' (the visual reasoning set), 'hops' (pointer chasing through a map written in each question, from the colour of the object in the image; A-OKVQA format, multiple choice) or 'hops_text' (the same with the start in the text, the original Coconut's {question, steps, answer} format, read and scored as dataset coconut). README "The hops task"."""
+    hops_k: int = 3
+    """hops: arrows to follow from the start, one step each (1 <= hops_k <= hops_nodes / 2, so that going back round the cycle is never shorter)."""
+    hops_nodes: int = 6
+    """hops: colours in each question's map, a single cycle through them all (3 to 8)."""
+    hops_step_style: Literal["node", "arrow"] = "arrow"
+    """hops: a step is written 'blue.' (it opens with what the hop finds) or 'red -> blue.' (it restates the known node first)."""
     max_num_patches: int = 12
     """Most tiles per image in dynamic tiling (thumbnail not counted)."""
     min_num_patches: int = 1
@@ -264,6 +272,23 @@ class Config:
                    ["only_eval", "val_path", "test_path"],
                    "key 'only_eval' needs 'val_path' or 'test_path' (the data to evaluate on)")
         else:
+        # The hops keys are checked whatever the dataset, so that a hops recipe stays valid on a user's own file.
+        _check(3 <= self.hops_nodes <= HOPS_MAX_NODES, ["hops_nodes"],
+               f"key 'hops_nodes' must be in [3, {HOPS_MAX_NODES}] (the colours there are), got {self.hops_nodes}")
+        _check(1 <= self.hops_k <= self.hops_nodes // 2, ["hops_k", "hops_nodes"],
+               f"key 'hops_k' must be in [1, hops_nodes // 2 = {self.hops_nodes // 2}], got {self.hops_k}: on a cycle "
+               f"of {self.hops_nodes} colours, {self.hops_k} arrows forward end where {self.hops_nodes - self.hops_k} "
+               "arrows backward do, a shorter way round")
+        if self.dataset == "builtin":
+            changed = [k for k in ("hops_k", "hops_nodes", "hops_step_style")
+                       if getattr(self, k) != Config.__dataclass_fields__[k].default]
+            _check(self.builtin_task != "shapes" or not changed, ["builtin_task", *changed],
+                   f"key(s) {', '.join(repr(k) for k in changed)} set, but 'builtin_task' is 'shapes': they apply to "
+                   "builtin_task 'hops' or 'hops_text'")
+            _check(not (self.builtin_task == "hops" and self.model_id == "tiny-text"), ["builtin_task", "model_id"],
+                   "key 'builtin_task: hops' reads the start off an image, and model_id 'tiny-text' is text only: "
+                   "use 'builtin_task: hops_text' (or model_id 'tiny')")
+
             missing = [k for k in ("train_path", "val_path") if getattr(self, k) is None]
             _check(builtin or not missing, missing,
                    f"training (only_eval: false) needs {' and '.join(repr(k) for k in missing)}")
@@ -287,6 +312,9 @@ def infer_dataset(path: str | None) -> str | None:
         return None
     name = os.path.basename(os.path.normpath(path))
     if re.fullmatch(r"aokvqa_v1p0_\w+\.json", name):
+HOPS_MAX_NODES = 8  # len(builtin_data.HOPS_COLORS), not imported: this module loads without PIL
+
+
         return "aokvqa"
     if name.endswith(".parquet") or os.path.isdir(path):
         return "aokvqa_hf"

@@ -62,18 +62,34 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare_builtin(cfg: Config, env) -> None:
-    """Generate the built-in set where the config expects it, if missing (rank 0; the others wait)."""
+    """Generate the built-in set where the config expects it, if missing (rank 0; the others wait).
+
+    `builtin_task` hops / hops_text generates the hops task instead (builtin_data.py); its train_path / val_path must
+    name the files it writes. hops_text is written in the original Coconut's format, so once it is there this run
+    reads and scores it as dataset coconut: cfg.dataset becomes 'coconut', and the run's checkpoints say so too.
+    """
     if cfg.dataset != "builtin":
         return
-    from .builtin_data import builtin_mismatch, generate_builtin
+    from .builtin_data import Hops, builtin_mismatch, builtin_path, generate_builtin
+    hops = None if cfg.builtin_task == "shapes" else Hops(
+        k=cfg.hops_k, nodes=cfg.hops_nodes, step_style=cfg.hops_step_style, text=cfg.builtin_task == "hops_text")
 
     out = Path(cfg.image_root or Path(cfg.val_path or cfg.train_path).parent)
     splits = {"train": cfg.builtin_train_size, "val": cfg.builtin_val_size}
-    if not cfg.builtin_regenerate and builtin_mismatch(out, splits, cfg.builtin_seed):
+    if hops is not None:
+        for key, split in (("train_path", "train"), ("val_path", "val")):
+            path, expected = getattr(cfg, key), builtin_path(out, split, hops)
+            if path is not None and Path(path).resolve() != expected.resolve():
+                raise ConfigError(f"key '{key}' is {path}, but builtin_task {cfg.builtin_task!r} writes the {split} "
+                                  f"split to {expected}", [key])
+    if not cfg.builtin_regenerate and builtin_mismatch(out, splits, cfg.builtin_seed, hops=hops):
         # Every rank sees the same files and raises the same error here, so none is left waiting in the barrier.
-        generate_builtin(out, splits, seed=cfg.builtin_seed)
+        generate_builtin(out, splits, seed=cfg.builtin_seed, hops=hops)
     if env.master:
-        generate_builtin(out, splits, seed=cfg.builtin_seed, regenerate=cfg.builtin_regenerate)
+        generate_builtin(out, splits, seed=cfg.builtin_seed, regenerate=cfg.builtin_regenerate, hops=hops)
+    if hops is not None and hops.text:
+        cfg.dataset = "coconut"
+        log(env, f"builtin_task hops_text: {out} is read and scored as dataset coconut")
     distributed.barrier()
 
 
