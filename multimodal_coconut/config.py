@@ -135,10 +135,6 @@ class Config:
     """Seed of the built-in set's generator (same seed, same files)."""
     builtin_regenerate: bool = False
     """Replace a built-in set of other settings (seed, sizes, version) where this run's data goes (else an error)."""
-
-    # --- images ---
-    image_size: int | None = None
-    """Side of one image tile in pixels; null = the checkpoint's (InternVL3: 448, tiny: 64). Another value is an error."""
     builtin_task: Literal["shapes", "hops", "hops_text"] = "shapes"
     """What dataset builtin generates: 'shapes' (the visual reasoning set), 'hops' (pointer chasing through a map written in each question, from the colour of the object in the image; A-OKVQA format, multiple choice) or 'hops_text' (the same with the start in the text, the original Coconut's {question, steps, answer} format, read and scored as dataset coconut). README "The hops task"."""
     hops_k: int = 3
@@ -146,7 +142,11 @@ class Config:
     hops_nodes: int = 6
     """hops: colours in each question's map, a single cycle through them all (3 to 8)."""
     hops_step_style: Literal["node", "arrow"] = "arrow"
-    """hops: a step is written 'blue.' (it opens with what the hop finds) or 'red -> blue.' (it restates the known node first)."""
+    """hops: a step is written 'blue.' (it opens with what the hop finds) or 'red>blue.' (it restates the known node first, as the map writes the arrow)."""
+
+    # --- images ---
+    image_size: int | None = None
+    """Side of one image tile in pixels; null = the checkpoint's (InternVL3: 448, tiny: 64). Another value is an error."""
     max_num_patches: int = 12
     """Most tiles per image in dynamic tiling (thumbnail not counted)."""
     min_num_patches: int = 1
@@ -266,12 +266,6 @@ class Config:
         if self.dataset is None:
             self.dataset = infer_dataset(self.train_path or self.val_path or self.test_path)
 
-        builtin = self.dataset == "builtin"  # the run generates its own files, paths may be left out
-        if self.only_eval:
-            _check(builtin or self.val_path is not None or self.test_path is not None,
-                   ["only_eval", "val_path", "test_path"],
-                   "key 'only_eval' needs 'val_path' or 'test_path' (the data to evaluate on)")
-        else:
         # The hops keys are checked whatever the dataset, so that a hops recipe stays valid on a user's own file.
         _check(3 <= self.hops_nodes <= HOPS_MAX_NODES, ["hops_nodes"],
                f"key 'hops_nodes' must be in [3, {HOPS_MAX_NODES}] (the colours there are), got {self.hops_nodes}")
@@ -289,6 +283,12 @@ class Config:
                    "key 'builtin_task: hops' reads the start off an image, and model_id 'tiny-text' is text only: "
                    "use 'builtin_task: hops_text' (or model_id 'tiny')")
 
+        builtin = self.dataset == "builtin"  # the run generates its own files, paths may be left out
+        if self.only_eval:
+            _check(builtin or self.val_path is not None or self.test_path is not None,
+                   ["only_eval", "val_path", "test_path"],
+                   "key 'only_eval' needs 'val_path' or 'test_path' (the data to evaluate on)")
+        else:
             missing = [k for k in ("train_path", "val_path") if getattr(self, k) is None]
             _check(builtin or not missing, missing,
                    f"training (only_eval: false) needs {' and '.join(repr(k) for k in missing)}")
@@ -306,15 +306,15 @@ class Config:
         return dataclasses.asdict(self)
 
 
+HOPS_MAX_NODES = 8  # len(builtin_data.HOPS_COLORS), not imported: this module loads without PIL
+
+
 def infer_dataset(path: str | None) -> str | None:
     """The dataset a data file's name implies (the `dataset: null` rule); None without a path."""
     if path is None:
         return None
     name = os.path.basename(os.path.normpath(path))
     if re.fullmatch(r"aokvqa_v1p0_\w+\.json", name):
-HOPS_MAX_NODES = 8  # len(builtin_data.HOPS_COLORS), not imported: this module loads without PIL
-
-
         return "aokvqa"
     if name.endswith(".parquet") or os.path.isdir(path):
         return "aokvqa_hf"

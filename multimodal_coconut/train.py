@@ -71,9 +71,9 @@ def prepare_builtin(cfg: Config, env) -> None:
     if cfg.dataset != "builtin":
         return
     from .builtin_data import Hops, builtin_mismatch, builtin_path, generate_builtin
+
     hops = None if cfg.builtin_task == "shapes" else Hops(
         k=cfg.hops_k, nodes=cfg.hops_nodes, step_style=cfg.hops_step_style, text=cfg.builtin_task == "hops_text")
-
     out = Path(cfg.image_root or Path(cfg.val_path or cfg.train_path).parent)
     splits = {"train": cfg.builtin_train_size, "val": cfg.builtin_val_size}
     if hops is not None:
@@ -87,10 +87,10 @@ def prepare_builtin(cfg: Config, env) -> None:
         generate_builtin(out, splits, seed=cfg.builtin_seed, hops=hops)
     if env.master:
         generate_builtin(out, splits, seed=cfg.builtin_seed, regenerate=cfg.builtin_regenerate, hops=hops)
+    distributed.barrier()
     if hops is not None and hops.text:
         cfg.dataset = "coconut"
         log(env, f"builtin_task hops_text: {out} is read and scored as dataset coconut")
-    distributed.barrier()
 
 
 def model_source(cfg: Config, latest: Path | None) -> Path | None:
