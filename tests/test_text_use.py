@@ -21,10 +21,10 @@ KINDS = ["wumpus", "rompus", "zumpus", "impus"]
 
 
 def qa_records() -> list[dict]:
-    """32 two-step questions in the original Coconut's format; 3 in 4 answers are "Yes", so a model that has learnt
+    """16 two-step questions in the original Coconut's format; 3 in 4 answers are "Yes", so a model that has learnt
     to answer "Yes" scores 75%."""
     records = []
-    for i in range(32):
+    for i in range(16):
         name, a, b = NAMES[i % 8], KINDS[i % 4], KINDS[(i // 4) % 4]
         records.append({"question": f"{name} is a {a}. Every {a} is a {b}. Is {name} a {b}?",
                         "steps": [f"{name} is a {a}.", f"Every {a} is a {b}."], "answer": "Yes" if i % 4 else "No"})
@@ -40,12 +40,12 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(data, tmp_path_factory):
-    """args/prosqa_coconut.yaml on the 32 questions (validated on the same file), 5 epochs, one per stage up to
+    """args/prosqa_coconut.yaml on the 16 questions (validated on the same file), 5 epochs, one per stage up to
     max_latent_stage 2: the last checkpoint is at stage 4 (2 thoughts, every step a thought), evaluated once."""
     save = tmp_path_factory.mktemp("text_run")
     assert main([str(PROSQA), f"save_path={save}", "name=qa", f"train_path={data}", f"val_path={data}",
                  "num_epochs=5", "epochs_per_stage=1", "max_latent_stage=2", "num_workers=0", "max_new_tokens=8",
-                 "lr=3e-3", "batch_size_training=8", "eval_every_epoch=false", "weights_only_checkpoints=true"]) == 0
+                 "lr=3e-3", "batch_size_training=4", "eval_every_epoch=false", "weights_only_checkpoints=true"]) == 0
     return save / "qa"
 
 
@@ -57,11 +57,6 @@ def run_predictions(run):
 @pytest.fixture(scope="module")
 def run_metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
-
-
-def test_the_run_learnt_the_majority_answer(run_metrics):
-    # what the other tests compare against: not a degenerate 0
-    assert run_metrics["stage"] == 4 and run_metrics["accuracy"] == 75.0 and run_metrics["n_eval"] == 32
 
 
 def test_ask_a_text_model_without_image_answers_as_its_run_evaluated(run, run_predictions, capsys):
@@ -111,13 +106,13 @@ def test_predict_a_coconut_file_equals_the_runs_predictions_and_metrics(run, dat
     assert written == run_predictions and list(written) == list(run_predictions)  # {output, answer, cot}, in order
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics == {k: run_metrics[k] for k in ("accuracy", "cot_accuracy", "n_eval")}
-    assert metrics["accuracy"] == 75.0
+    assert metrics["accuracy"] == 75.0 and metrics["n_eval"] == 16  # the run learnt to answer "Yes" (3 in 4)
     # resumable: the answers already in the file are kept, the rest answered
     kept = dict(list(run_predictions.items())[:3])
     kept["qa_0"] = {"output": "### kept", "answer": "kept", "cot": ""}
     out.write_text(json.dumps(kept))
     assert predict.main([str(run), "--data", str(data), "--out", str(out), "--batch-size", "4"]) == 0
-    assert "3 of 32 questions already answered" in capsys.readouterr().err
+    assert "3 of 16 questions already answered" in capsys.readouterr().err
     assert json.loads(out.read_text()) == {**run_predictions, "qa_0": kept["qa_0"]}
 
 
@@ -131,9 +126,9 @@ def test_predict_a_text_jsonl_file(run, run_predictions, run_metrics, tmp_path, 
     assert predict.main([str(run), "--data", str(data), "--out", str(out)]) == 0
     written = json.loads(out.read_text())
     assert written == {f"q{i}": {"output": run_predictions[f"qa_{i}"]["output"],
-                                 "answer": run_predictions[f"qa_{i}"]["answer"]} for i in range(32)}
+                                 "answer": run_predictions[f"qa_{i}"]["answer"]} for i in range(16)}
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert metrics == {"accuracy": run_metrics["accuracy"], "n_eval": 32}
+    assert metrics == {"accuracy": run_metrics["accuracy"], "n_eval": 16}
 
 
 def test_app_of_a_text_model_has_no_image_input_and_answers(run, run_predictions):
@@ -153,15 +148,17 @@ def test_app_of_a_text_model_has_no_image_input_and_answers(run, run_predictions
     assert "error" not in message
 
 
-@pytest.mark.slow  # seven runs of tiny-text in child processes: about a minute on 2 cores
+@pytest.mark.slow  # three runs of tiny-text in child processes
 def test_experiment_table_on_a_coconut_config_reports_its_accuracies(tmp_path):
+    """No-CoT (from the backbone) and Coconut (from the CoT warm-up's text checkpoint): the warm-up, then both."""
     out = tmp_path / "table"
     args = ["--out", str(out), "--quick", "--config", str(PROSQA), "--cot-warmup", "1", "--jobs", "2",
+            "--rows", "no_cot", "coconut",
             "--set", f"train_path={FIXTURES / 'prosqa_train.json'}", f"val_path={FIXTURES / 'prosqa_valid.json'}"]
     assert experiments.main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["dataset"] == "coconut" and list(results["metrics"]) == ["accuracy", "cot_accuracy"]
-    assert list(results["rows"]) == [k for k, _, _ in experiments.ROWS]
+    assert list(results["rows"]) == ["no_cot", "coconut"]
     warm = out / "runs" / "cot_warmup_seed0" / "checkpoint_1"
     for key, row in results["rows"].items():
         assert 0 <= row["accuracy"] <= 100 and 0 <= row["cot_accuracy"] <= 100 and row["inference_s"] > 0
