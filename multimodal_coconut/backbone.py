@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -52,6 +52,9 @@ class Backbone:
     latent_id: int
     eos_token_id: int
     pad_token_id: int
+    # Weights of MultimodalCoconut's own modules saved with this backbone by a trained run (the thought projection of
+    # thought_norm 'projection'); inference.coconut_model loads them. Empty for a backbone fresh from model_id.
+    coconut_weights: dict = field(default_factory=dict)
 
     @property
     def is_multimodal(self) -> bool:

@@ -14,7 +14,7 @@ from .model import CoconutOutput, MultimodalCoconut
 
 def naive_forward(model: MultimodalCoconut, input_ids, attention_mask, labels=None, position_ids=None,
                   pixel_values=None) -> CoconutOutput:
-    """Coconut by full recompute: n + 1 full forwards for n thoughts."""
+    """Coconut by full recompute: n + 1 full forwards for n thoughts (each thought made by the model's thought_norm)."""
     if position_ids is None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     embeds = model.embed(input_ids, pixel_values)  # (B, T, C)
@@ -23,7 +23,8 @@ def naive_forward(model: MultimodalCoconut, input_ids, attention_mask, labels=No
     for i in range(int(is_latent.sum(1).max())):
         hidden = model.decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids)
         rows, cols = torch.nonzero(is_latent & (order == i), as_tuple=True)
-        embeds = embeds.index_put((rows, cols), hidden.last_hidden_state[rows, cols - 1])  # out of place
+        thoughts = model.make_thought(hidden.last_hidden_state[rows, cols - 1])
+        embeds = embeds.index_put((rows, cols), thoughts)  # out of place
     hidden = model.decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids)
     logits = model.lm_head(hidden.last_hidden_state)
     loss = None

@@ -106,21 +106,37 @@ def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in _unwrap(model).state_dict().items()}
 
 
-WRAPPER_PREFIX = "base_model."  # MultimodalCoconut holds the backbone as `base_model`; it has no parameters of its own
+WRAPPER_PREFIX = "base_model."  # MultimodalCoconut holds the backbone as `base_model`
+# MultimodalCoconut's own parameters, beside the backbone's: the learned thought projection (thought_norm: projection).
+# They keep their names in checkpoints (the backbone's lose `base_model.`) and are written beside an HF export.
+WRAPPER_OWN = ("thought_projection.",)
+WRAPPER_OWN_FILE = "coconut_weights.safetensors"  # in an HF export: the wrapper's own weights, when it has any
+
+
+def is_wrapper_own(key: str) -> bool:
+    return key.startswith(WRAPPER_OWN)
 
 
 def backbone_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The state dict of a MultimodalCoconut (`base_model.` keys) keyed as its backbone's; other dicts unchanged."""
-    if state_dict and all(k.startswith(WRAPPER_PREFIX) for k in state_dict):
+    """The state dict of a MultimodalCoconut (`base_model.` keys) keyed as its backbone's, the wrapper's own weights
+    (WRAPPER_OWN) as they are; other dicts unchanged."""
+    if any(k.startswith(WRAPPER_PREFIX) for k in state_dict) and \
+            all(k.startswith(WRAPPER_PREFIX) or is_wrapper_own(k) for k in state_dict):
         return {k.removeprefix(WRAPPER_PREFIX): v for k, v in state_dict.items()}
     return dict(state_dict)
+
+
+def split_wrapper_own(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(the backbone's weights, the wrapper's own) of a backbone-keyed state dict."""
+    own = {k: v for k, v in state_dict.items() if is_wrapper_own(k)}
+    return {k: v for k, v in state_dict.items() if not is_wrapper_own(k)}, own
 
 
 def _keys_for(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Backbone-keyed weights re-keyed for `model` when it is the Coconut wrapper (its keys start `base_model.`)."""
     first = next(iter(_unwrap(model).state_dict()), "")
     if first.startswith(WRAPPER_PREFIX) and not any(k.startswith(WRAPPER_PREFIX) for k in state_dict):
-        return {WRAPPER_PREFIX + k: v for k, v in state_dict.items()}
+        return {(k if is_wrapper_own(k) else WRAPPER_PREFIX + k): v for k, v in state_dict.items()}
     return dict(state_dict)
 
 
@@ -265,6 +281,8 @@ def read_model_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if (path / MODEL_DIR).is_dir():
             _check_complete(path)
             return read_dcp(path / MODEL_DIR)
+        if (path / WRAPPER_OWN_FILE).is_file():  # an HF export of a model with weights of its own
+            return {**read_model_state_dict(path / MODEL_FILE), **load_safetensors(path / WRAPPER_OWN_FILE)}
         path = path / MODEL_FILE  # an HF export
     if not path.exists():
         raise FileNotFoundError(f"no model weights at {path}")
@@ -725,12 +743,13 @@ def save_model_files(out_dir: str | os.PathLike, model_base: nn.Module, tokenize
 
 def export_hf(model_base: nn.Module, tokenizer: Any, image_processor: Any, out_dir: str | os.PathLike, *,
               state_dict: Mapping[str, torch.Tensor] | None = None, overwrite: bool = False,
-              info: Mapping[str, Any] | None = None) -> Path:
+              info: Mapping[str, Any] | None = None, own: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Write an ordinary HF checkpoint directory (`save_pretrained` of model, tokenizer, image processor) atomically.
 
     `model_base` is the backbone (MultimodalCoconut.base_model, with the latent tokens added); call on rank 0 only.
     Under FSDP2 pass `state_dict`, the gathered full weights keyed as `model_base.state_dict()`. `info` (the run's
-    config and stage) is written as coconut.json, which `inference.load_trained` reads. An existing
+    config and stage) is written as coconut.json, which `inference.load_trained` reads; `own`, the Coconut wrapper's
+    own weights (WRAPPER_OWN: the thought projection), as WRAPPER_OWN_FILE beside the model's. An existing
     `out_dir` is an error unless `overwrite`, in which case it is replaced only once the new export is complete.
     """
     out_dir = Path(out_dir)
@@ -746,6 +765,8 @@ def export_hf(model_base: nn.Module, tokenizer: Any, image_processor: Any, out_d
             part.save_pretrained(tmp)
     if info is not None:
         _write_json(dict(info), tmp / INFO_FILE)
+    if own:
+        save_safetensors(own, tmp / WRAPPER_OWN_FILE)
     for file in tmp.rglob("*"):
         if file.is_file():
             _fsync_file(file)
@@ -764,9 +785,10 @@ def export_hf(model_base: nn.Module, tokenizer: Any, image_processor: Any, out_d
 # --- command line ----------------------------------------------------------------------------------------------
 
 
-def export_file(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+def export_file(checkpoint: str | os.PathLike, out: str | os.PathLike, own_file: Path | None = None) -> Path:
     """A checkpoint's model weights (read whole from its shards) as one .safetensors file, keyed as the backbone
-    (`from_pretrained(checkpoint_dir, state_dict=load_safetensors(out))` or plain `load_state_dict`)."""
+    (`from_pretrained(checkpoint_dir, state_dict=load_safetensors(out))` or plain `load_state_dict`). `own_file`:
+    where the wrapper's own weights go instead (an HF folder's WRAPPER_OWN_FILE), if it has any."""
     checkpoint, out = Path(checkpoint), Path(out)
     progress = checkpoint / PROGRESS_FILE
     if progress.is_file() and not holds_full_model(checkpoint):
@@ -774,6 +796,11 @@ def export_file(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
                          "export the merged model with export_hf: true (RUN_DIR/hf_model) instead")
     state = read_model_state_dict(checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if own_file is not None:
+        state, own = split_wrapper_own(state)
+        if own:
+            save_safetensors(own, own_file.with_name(f"{own_file.name}.tmp-{os.getpid()}"))
+            os.replace(own_file.with_name(f"{own_file.name}.tmp-{os.getpid()}"), own_file)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     save_safetensors(state, tmp)
     os.replace(tmp, out)
@@ -791,15 +818,15 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("checkpoint")
     export.add_argument("out")
     a = parser.parse_args(argv)
-    out, t0 = Path(a.out), time.time()
+    out, t0, own_file = Path(a.out), time.time(), None
     if out.suffix != ".safetensors":  # a folder: the model files beside model.safetensors, a plain HF folder
         state_files = (MODEL_DIR, OPTIMIZER_DIR, OPTIMIZER_GROUPS_FILE, SCHEDULER_FILE, PROGRESS_FILE, COMPLETE)
         out.mkdir(parents=True, exist_ok=True)
         for item in Path(a.checkpoint).iterdir():
             if item.is_file() and item.name not in state_files and not item.name.startswith("rng_rank"):
                 shutil.copy2(item, out / item.name)
-        out = out / MODEL_FILE
-    path = export_file(a.checkpoint, out)
+        out, own_file = out / MODEL_FILE, out / WRAPPER_OWN_FILE
+    path = export_file(a.checkpoint, out, own_file)
     print(f"wrote {path} ({human_bytes(path.stat().st_size)}) in {time.time() - t0:.1f} s")
     return 0
 

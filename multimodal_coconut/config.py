@@ -86,6 +86,10 @@ class Config:
     save_only_improve: bool = False
     """Write a checkpoint only when validation accuracy improves (else every epoch)."""
 
+    # --- options on the thought (research variants; the defaults are the original Coconut) ---
+    thought_norm: Literal["none", "embedding", "projection"] = "none"
+    """How a last hidden state becomes the next input: as it is (the original), rescaled to the token embeddings' median norm, or through a learned linear map + LayerNorm (CODI), trained with the model and saved with it."""
+
     # --- model ---
     model_id: str = "tiny"
     """'tiny' (random tiny InternVL built locally), 'tiny-text' (its language model alone, text only), a local model directory, or a Hugging Face hub id (any causal LM for text data)."""
@@ -254,6 +258,8 @@ class Config:
 
         modes = [k for k in ("coconut", "cot", "no_cot") if getattr(self, k)]
         _check(len(modes) <= 1, modes, f"at most one of 'coconut', 'cot', 'no_cot' may be true, got {modes}")
+        _check(self.thought_norm == "none" or self.coconut, ["thought_norm", "coconut"],
+               f"key 'thought_norm: {self.thought_norm}' shapes the continuous thoughts and needs 'coconut: true'")
         _check(not self.no_thoughts or self.coconut, ["no_thoughts", "coconut"],
                "key 'no_thoughts' is an ablation of the curriculum and needs 'coconut: true'")
         _check(self.curriculum or not (self.cot or self.no_cot), ["curriculum", "cot", "no_cot"],

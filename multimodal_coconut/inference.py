@@ -101,12 +101,36 @@ def backbone_from(model_dir: str | Path, cfg: Config, device=None) -> Backbone:
     if (Path(model_dir) / ckpt.PROGRESS_FILE).is_file() and not ckpt.holds_full_model(model_dir):
         raise LoadError(f"{model_dir}: a LoRA checkpoint holds only the adapters and new token rows, not the base "
                         "model; use the run's merged export (export_hf: true writes RUN_DIR/hf_model)")
-    # A checkpoint's weights are sharded (DCP, model/): read whole here and the model built from config.json.
-    state_dict = ckpt.read_model_state_dict(model_dir) if (Path(model_dir) / ckpt.MODEL_DIR).is_dir() else None
-    return load_backbone(str(model_dir), trust_remote_code=cfg.trust_remote_code, image_size=cfg.image_size,
-                         min_num_patches=cfg.min_num_patches, max_num_patches=cfg.max_num_patches,
-                         use_thumbnail=cfg.use_thumbnail, attn_implementation=cfg.attn_implementation, device=device,
-                         state_dict=state_dict)
+    # A checkpoint's weights are sharded (DCP, model/): read whole here and the model built from config.json. The
+    # Coconut wrapper's own weights (the thought projection) ride along in `coconut_weights`.
+    state_dict, own = None, {}
+    if (Path(model_dir) / ckpt.MODEL_DIR).is_dir():
+        state_dict, own = ckpt.split_wrapper_own(ckpt.read_model_state_dict(model_dir))
+    elif (Path(model_dir) / ckpt.WRAPPER_OWN_FILE).is_file():  # an HF export
+        own = ckpt.load_safetensors(Path(model_dir) / ckpt.WRAPPER_OWN_FILE)
+    backbone = load_backbone(str(model_dir), trust_remote_code=cfg.trust_remote_code, image_size=cfg.image_size,
+                             min_num_patches=cfg.min_num_patches, max_num_patches=cfg.max_num_patches,
+                             use_thumbnail=cfg.use_thumbnail, attn_implementation=cfg.attn_implementation,
+                             device=device, state_dict=state_dict)
+    backbone.coconut_weights = own
+    return backbone
+
+
+def coconut_model(backbone: Backbone, cfg: Config, *, fresh_ok: bool = False) -> MultimodalCoconut:
+    """MultimodalCoconut around `backbone` with the config's options on the thought (coconut, thought_norm), its own
+    weights (backbone.coconut_weights) loaded. A learned thought projection with no saved weights is an error unless
+    `fresh_ok` (a run that starts one, e.g. from a CoT checkpoint)."""
+    model = MultimodalCoconut(backbone.model, backbone.latent_id, backbone.start_latent_id, backbone.end_latent_id,
+                              backbone.eos_token_id, continuous_thoughts=cfg.coconut, thought_norm=cfg.thought_norm)
+    own = {k: v for k, v in model.state_dict().items() if ckpt.is_wrapper_own(k)}
+    if backbone.coconut_weights or (own and not fresh_ok):
+        missing, unexpected = sorted(own.keys() - backbone.coconut_weights.keys()), \
+            sorted(backbone.coconut_weights.keys() - own.keys())
+        if missing or unexpected:
+            raise LoadError(f"the saved model's own weights do not fit thought_norm={cfg.thought_norm!r}: missing "
+                            f"{missing[:4]}, unexpected {unexpected[:4]}")
+        model.load_state_dict(backbone.coconut_weights, strict=False)
+    return model
 
 
 def read_info(model_dir: str | Path) -> tuple[Config, int]:
@@ -129,8 +153,7 @@ def load_trained(path: str | Path, *, device: str | torch.device | None = None) 
     except (OSError, ValueError, KeyError, TypeError) as e:  # missing / corrupt files, a model of another kind
         raise LoadError(f"{model_dir}: cannot load the model ({type(e).__name__}: {' '.join(str(e).split())})") \
             from None
-    model = MultimodalCoconut(backbone.model, backbone.latent_id, backbone.start_latent_id, backbone.end_latent_id,
-                              backbone.eos_token_id, continuous_thoughts=cfg.coconut).eval()
+    model = coconut_model(backbone, cfg).eval()
     return Trained(model=model, backbone=backbone, config=cfg, stage=stage, path=model_dir)
 
 

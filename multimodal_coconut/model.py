@@ -24,6 +24,27 @@ from transformers.cache_utils import Cache, DynamicLayer
 from .backbone import is_original_internvl
 
 
+THOUGHT_NORMS = ("none", "embedding", "projection")
+
+
+class ThoughtProjection(nn.Module):
+    """thought_norm 'projection' (CODI's recipe): a learned linear map, then LayerNorm, from the last hidden state to
+    the next input embedding. It starts as the identity followed by a LayerNorm whose scale gives outputs of the
+    token embeddings' median norm, so the first thoughts are the hidden states at the scale of a token."""
+
+    def __init__(self, hidden_size: int, norm: float):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.eye(hidden_size))
+            self.linear.bias.zero_()
+            self.norm.weight.fill_(norm / hidden_size**0.5)  # a LayerNorm output has norm ~ sqrt(C) x its scale
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, C) -> (B, C)
+        return self.norm(self.linear(hidden))
+
+
 @dataclass
 class CoconutOutput:
     loss: torch.Tensor | None
@@ -70,7 +91,7 @@ class MultimodalCoconut(nn.Module):
     """
 
     def __init__(self, base_model, latent_token_id, start_latent_id, end_latent_id, eos_token_id, *,
-                 continuous_thoughts: bool = True):
+                 continuous_thoughts: bool = True, thought_norm: str = "none"):
         super().__init__()
         self.base_model = base_model
         # False: the original's "pause as thought" (coconut: false) -- a <|latent|> position takes its own token
@@ -98,6 +119,28 @@ class MultimodalCoconut(nn.Module):
             if not isinstance(value, int) or not 0 <= value < vocab:
                 raise ValueError(f"{name}={value!r} is not a token id of this model (vocabulary size {vocab})")
         self.num_layers = len(self.decoder_layers)
+        # How a last hidden state becomes the next input (config thought_norm): as it is (the original), rescaled to
+        # the token embeddings' median norm, or through a learned projection + LayerNorm (saved with the model).
+        if thought_norm not in THOUGHT_NORMS:
+            raise ValueError(f"thought_norm must be one of {THOUGHT_NORMS}, got {thought_norm!r}")
+        self.thought_norm = thought_norm
+        if thought_norm == "projection":
+            weight = self.embedding.weight
+            self.thought_projection = ThoughtProjection(weight.shape[1], self.embedding_norm().item()).to(weight)
+
+    def embedding_norm(self) -> torch.Tensor:
+        """The median norm of the token embeddings (a constant: no gradient flows into the table through it)."""
+        return self.embedding.weight.detach().float().norm(dim=-1).median()
+
+    def make_thought(self, hidden: torch.Tensor, target_norm: torch.Tensor | None = None) -> torch.Tensor:
+        """The input embedding fed at a latent position, from the last hidden state of the position before it (B, C).
+        `target_norm`: embedding_norm(), computed once per forward by the caller (thought_norm 'embedding')."""
+        if self.thought_norm == "embedding":
+            norm = target_norm if target_norm is not None else self.embedding_norm()
+            return hidden * (norm.to(hidden.dtype) / hidden.norm(dim=-1, keepdim=True).clamp(min=1e-6))
+        if self.thought_norm == "projection":
+            return self.thought_projection(hidden)
+        return hidden
 
     # The parts are looked up, not stored: assigning them as attributes would register every parameter twice.
     @property
@@ -191,18 +234,19 @@ class MultimodalCoconut(nn.Module):
     def _run(self, embeds, attention_mask, position_ids, bounds, n_latents, cache=None, thought_hook=None):
         """Run the passes; returns (hidden (B, T, C), fed embeddings (B, T, C), cache).
 
-        `thought_hook(i, thoughts) -> thoughts`, if given, replaces the i-th thoughts (i = 1.., (B, C): the hidden
-        states about to be fed at the i-th latent column) before they are fed; rows with fewer than i latents keep
+        `thought_hook(i, thoughts) -> thoughts`, if given, replaces the i-th thoughts (i = 1.., (B, C): what is about
+        to be fed at the i-th latent column, after thought_norm) before they are fed; rows with fewer than i latents keep
         their own embedding whatever it returns. For analysis (ablations), not training.
         """
         hidden, fed = [], []
+        target_norm = self.embedding_norm() if self.thought_norm == "embedding" and len(bounds) > 2 else None
         # One split rather than a slice per pass: the backward of each slice would build a zero (B, T, C) gradient.
         chunks = embeds.split([e - s for s, e in zip(bounds[:-1], bounds[1:])], dim=1)
         for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
             x = chunks[i]  # (B, e-s, C)
             if i > 0:  # column s is the i-th latent of rows that have at least i latents
                 fill = (n_latents >= i)[:, None]  # (B, 1)
-                thought = hidden[-1][:, -1]  # (B, C)
+                thought = self.make_thought(hidden[-1][:, -1], target_norm)  # (B, C)
                 if thought_hook is not None:
                     thought = thought_hook(i, thought)
                 x = torch.cat([torch.where(fill, thought, x[:, 0]).unsqueeze(1), x[:, 1:]], dim=1)

@@ -31,9 +31,8 @@ from .curriculum import (CoconutDataset, Collator, LengthGroupedBatchSampler, Mo
                          stage_for_epoch)
 from .data import SkipReport, load_samples
 from .evaluate import gather_generations, score_generations, write_predictions
-from .inference import backbone_from, generate_texts, model_info, to_device
+from .inference import backbone_from, coconut_model, generate_texts, model_info, to_device
 from .lora import apply_lora, export_weights
-from .model import MultimodalCoconut
 
 
 def run(cfg: Config) -> list[dict]:
@@ -120,8 +119,9 @@ def load_weights(model, path: str, env) -> None:
         state = {f"base_model.{k.removeprefix('base_causallm.')}": v for k, v in state.items()
                  if k.startswith("base_causallm.")}
     if not any(k.startswith("base_model.") for k in state):
-        state = {f"base_model.{k}": v for k, v in state.items()}
+        state = {(k if ckpt.is_wrapper_own(k) else f"base_model.{k}"): v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not ckpt.is_wrapper_own(k)]  # a thought projection the file lacks starts fresh
     if unexpected or missing:
         raise ValueError(f"load_model_path={path}: the weights do not fit this model "
                          f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
@@ -228,8 +228,7 @@ def fit(cfg: Config, env) -> list[dict]:
             min_num_patches=cfg.min_num_patches, max_num_patches=cfg.max_num_patches, use_thumbnail=cfg.use_thumbnail,
             attn_implementation=cfg.attn_implementation, tiny_texts=texts, seed=cfg.seed,
         )
-    model = MultimodalCoconut(backbone.model, backbone.latent_id, backbone.start_latent_id,
-                              backbone.end_latent_id, backbone.eos_token_id, continuous_thoughts=cfg.coconut)
+    model = coconut_model(backbone, cfg, fresh_ok=True)  # a thought projection starts fresh unless the source has one
     if cfg.load_model_path and source is None:
         load_weights(model, cfg.load_model_path, env)
     if source is not None and latest is None:
@@ -355,8 +354,9 @@ def fit(cfg: Config, env) -> list[dict]:
             epoch = int(best.name.split("_")[-1]) if best else state["epoch"]
             stage = stage_for_epoch(max(epoch - 1, 0), mode, cfg.epochs_per_stage)
             info = model_info(generation_config(cfg, train_set, stage), stage, epoch)
+            weights, own = ckpt.split_wrapper_own(weights)
             out = ckpt.export_hf(model.base_model, backbone.tokenizer, backbone.image_processor, run_dir / "hf_model",
-                                 state_dict=weights, overwrite=True, info=info)
+                                 state_dict=weights, overwrite=True, info=info, own=own)
             log(env, f"exported {'the best' if best else 'the final'} model as an HF checkpoint to {out}")
     if report.total:
         log(env, report.summary())
