@@ -78,13 +78,28 @@ def metrics_of(dataset: str) -> dict[str, str]:
 RUN_CODE = "import sys; from multimodal_coconut.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
+def hops_of(cfg: Config):
+    """The hops task a config generates (builtin_data.Hops), None for the shapes set or files of one's own."""
+    if cfg.dataset != "builtin" or cfg.builtin_task == "shapes":
+        return None
+    from .builtin_data import Hops
+
+    return Hops(k=cfg.hops_k, nodes=cfg.hops_nodes, step_style=cfg.hops_step_style,
+                text=cfg.builtin_task == "hops_text")
+
+
 def run_overrides(out: Path, cfg: Config, row: list[str], seed: int, base: list[str]) -> list[str]:
     """key=value overrides of one run: the shared ones, the row's, its seed, its folder and (built-in) the data."""
     data = []
     if cfg.dataset == "builtin":
-        d = out / "data"
-        data = [f"train_path={d / 'aokvqa_v1p0_train.json'}", f"val_path={d / 'aokvqa_v1p0_val.json'}",
+        from .builtin_data import builtin_path
+
+        d, hops = out / "data", hops_of(cfg)
+        data = [f"train_path={builtin_path(d, 'train', hops)}", f"val_path={builtin_path(d, 'val', hops)}",
                 f"image_root={d}"]
+    # Options on the thought shape continuous thoughts only: the rows without them (No-CoT, CoT, pause) drop them.
+    if "coconut=false" in row:
+        data += ["thought_norm=none"]
     return [*base, *data, *row, f"seed={seed}", f"save_path={out / 'runs'}"]
 
 
@@ -210,9 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     seeds = [0] if args.quick and "--seeds" not in (argv if argv is not None else sys.argv) else args.seeds
     base_cfg = load_config(args.config, check_paths=False)
-    base = ([] if base_cfg.dataset != "builtin" else (QUICK if args.quick else FULL)) + list(args.set)
-    if args.quick and base_cfg.dataset != "builtin":
-        base = QUICK[2:] + ["max_val_samples=8"] + list(args.set)
+    shapes = base_cfg.dataset == "builtin" and base_cfg.builtin_task == "shapes"
+    # The shapes set gets the table's setting (FULL); a hops config is its own recipe; --quick shrinks either.
+    base = ([] if not shapes else (QUICK if args.quick else FULL)) + list(args.set)
+    if args.quick and not shapes:
+        sizes = QUICK[:2] if base_cfg.dataset == "builtin" else ["max_val_samples=8"]
+        base = QUICK[2:] + sizes + list(args.set)
     rows = [r for r in ROWS if not args.rows or r[0] in args.rows]
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -221,10 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         from .builtin_data import generate_builtin
 
         generate_builtin(args.out / "data", {"train": cfg.builtin_train_size, "val": cfg.builtin_val_size},
-                         seed=cfg.builtin_seed)
+                         seed=cfg.builtin_seed, hops=hops_of(cfg))
     warmup = args.cot_warmup
-    if warmup is None:
-        warmup = 0 if cfg.dataset != "builtin" else (QUICK_WARMUP if args.quick else FULL_WARMUP)
+    if warmup is None:  # a hops recipe's warm-up is its own stage 0
+        warmup = (0 if cfg.dataset != "builtin" else QUICK_WARMUP if args.quick
+                  else FULL_WARMUP if shapes else cfg.epochs_per_stage)
     if warmup < 0:
         raise SystemExit(f"--cot-warmup must be >= 0, got {warmup}")
     first, then, dirs = [], [], {}  # warm-ups and runs from the backbone first; runs from a warm-up after them
@@ -265,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         train_runs(first, args.config, args.jobs)
         train_runs(then, args.config, args.jobs)
 
-    metrics = metrics_of(cfg.dataset)
+    metrics = metrics_of("coconut" if cfg.builtin_task == "hops_text" and cfg.dataset == "builtin" else cfg.dataset)
     runs: dict[str, dict[int, dict]] = {}
     for (key, seed), run_dir in dirs.items():
         runs.setdefault(key, {})[seed] = evaluate_run(run_dir, list(metrics))
