@@ -89,6 +89,8 @@ class Config:
     # --- options on the thought (research variants; the defaults are the original Coconut) ---
     thought_norm: Literal["none", "embedding", "projection"] = "none"
     """How a last hidden state becomes the next input: as it is (the original), rescaled to the token embeddings' median norm, or through a learned linear map + LayerNorm (CODI), trained with the model and saved with it."""
+    thought_supervision: float = 0.0
+    """Weight of SIM-CoT's step supervision (0 = off, the original): in training, the model's own decoder and LM head, given only the last thought of each replaced step, write that step (teacher forcing); loss = answer loss + weight x mean step loss, logged as train_step_loss. Nothing changes at inference."""
 
     # --- model ---
     model_id: str = "tiny"
@@ -241,7 +243,7 @@ class Config:
             _check(value is None or value > 0, [key], f"key '{key}' must be a positive integer, got {value}")
         non_negative = ["c_thought", "max_latent_stage", "resume", "num_workers", "warmup_steps",
                         "num_examples_to_print", "weight_decay", "max_grad_norm", "keep_checkpoints", "lora_r",
-                        "lora_alpha"]
+                        "lora_alpha", "thought_supervision"]
         for key in non_negative:
             value = getattr(self, key)
             _check(value is None or value >= 0, [key], f"key '{key}' must be >= 0, got {value}")
@@ -260,6 +262,10 @@ class Config:
         _check(len(modes) <= 1, modes, f"at most one of 'coconut', 'cot', 'no_cot' may be true, got {modes}")
         _check(self.thought_norm == "none" or self.coconut, ["thought_norm", "coconut"],
                f"key 'thought_norm: {self.thought_norm}' shapes the continuous thoughts and needs 'coconut: true'")
+        _check(self.thought_supervision == 0 or (self.coconut and not self.no_thoughts),
+               ["thought_supervision", "coconut", "no_thoughts"],
+               f"key 'thought_supervision: {self.thought_supervision}' trains the continuous thoughts to write the "
+               "steps they replace and needs 'coconut: true' (and no_thoughts false: that ablation has no thoughts)")
         _check(not self.no_thoughts or self.coconut, ["no_thoughts", "coconut"],
                "key 'no_thoughts' is an ablation of the curriculum and needs 'coconut: true'")
         _check(self.curriculum or not (self.cot or self.no_cot), ["curriculum", "cot", "no_cot"],

@@ -59,6 +59,7 @@ class Mode:
     uniform_prob: float = 0.0
     list_choices: bool = True  # put "Choices: ..." in the prompt (multiple choice); false for direct answers
     curriculum: bool = True  # false: every epoch at the last stage (the paper's "w/o curriculum")
+    step_targets: bool = False  # training items carry their thought-replaced steps' tokens (thought_supervision)
 
     def __post_init__(self):
         modes = [k for k in ("coconut", "cot", "no_cot") if getattr(self, k)]
@@ -78,7 +79,8 @@ class Mode:
         return cls(coconut=cfg.coconut, cot=cfg.cot, no_cot=cfg.no_cot, no_thoughts=cfg.no_thoughts,
                    c_thought=cfg.c_thought, max_latent_stage=cfg.max_latent_stage,
                    pad_latent_to_max=cfg.pad_latent_to_max, uniform_prob=cfg.uniform_prob,
-                   list_choices=cfg.answer_from == "choice", curriculum=cfg.curriculum)
+                   list_choices=cfg.answer_from == "choice", curriculum=cfg.curriculum,
+                   step_targets=getattr(cfg, "thought_supervision", 0.0) > 0)  # a config without the key: off
 
     @property
     def markers(self) -> bool:
@@ -113,6 +115,15 @@ def train_plan(stage: int, n_steps: int, mode: Mode) -> tuple[int, int]:
     if mode.no_cot:
         skip, groups = n_steps, 0
     return min(skip, n_steps), groups * mode.thoughts_per_step
+
+
+def supervised_steps(stage: int, n_steps: int, mode: Mode) -> int:
+    """How many of a training sample's removed steps have a thought group of their own at `stage`: step j (1-based)
+    is the one group j replaced, and its last thought (latent j * c_thought - 1, 0-based) learns to write it
+    (thought_supervision). Pad groups beyond the sample's steps carry no step, and steps removed past
+    max_latent_stage without a group carry no thought."""
+    skip, n_latents = train_plan(stage, n_steps, mode)
+    return min(skip, n_latents // mode.thoughts_per_step) if mode.thoughts_per_step else 0
 
 
 def prompt_latents(stage: int, n_steps: int | None, mode: Mode) -> int:
@@ -353,7 +364,12 @@ class CoconutDataset(torch.utils.data.Dataset):
                                 f"{it.n_tiles} (is the file different from when the dataset was built?)",
                                 file=it.sample.image_name(), question_id=it.sample.question_id, field="image",
                                 reason="unreadable image")
-        return {"idx": it.idx, "input_ids": input_ids, "labels": labels, "pixel_values": pixel_values}
+        item = {"idx": it.idx, "input_ids": input_ids, "labels": labels, "pixel_values": pixel_values}
+        if self.train and self.mode.step_targets:  # thought_supervision: the removed steps, the thought writing each
+            n = supervised_steps(self.stages[i], len(it.steps), self.mode)
+            item["step_ids"] = it.steps[:n]  # as the curriculum tokenises them ("{step}\n")
+            item["step_thoughts"] = [(j + 1) * self.mode.c_thought - 1 for j in range(n)]  # latent index in the row
+        return item
 
 
 GENERATION_MARGIN = 16  # tokens allowed past the longest training target, for a slightly longer generated step
@@ -391,7 +407,8 @@ class Collator:
     Rows with latents are left-padded so that their first latent sits in one column (the latent passes then
     compute one column each); rows without latents are not. Then all rows are right-padded to a common length.
     Pads: input pad id, attention 0, position 0, label -100. Position ids count from 0 at each row's first real
-    token. pixel_values: the tiles of all rows concatenated in row order, or None. Keeps only token ids, so it
+    token. pixel_values: the tiles of all rows concatenated in row order, or None. Items with step targets
+    (Mode.step_targets) add `step_ids` and `step_columns` (see `_step_targets`). Keeps only token ids, so it
     pickles cheaply into DataLoader workers.
     """
 
@@ -429,7 +446,29 @@ class Collator:
         }
         if labels is not None:
             batch["labels"] = labels  # (B, T)
+        with_steps = ["step_ids" in f for f in features]
+        if any(with_steps):
+            if not all(with_steps):
+                raise ValueError("a batch mixes items with and without step targets (thought_supervision)")
+            batch.update(self._step_targets(features, [None if c is None else pad + c for pad, c in zip(left, first)]))
         return batch
+
+    @staticmethod
+    def _step_targets(features: list[dict], first_latent: list[int | None]) -> dict:
+        """thought_supervision: each row's removed steps as (B, S, L) token ids (-100 where there is none), and the
+        column of the thought that writes each (B, S) (-1 where there is none). S: most steps of a row, L: the longest
+        step."""
+        S = max(len(f["step_ids"]) for f in features)
+        L = max((len(step) for f in features for step in f["step_ids"]), default=0)
+        step_ids = torch.full((len(features), S, L), -100, dtype=torch.long)
+        step_columns = torch.full((len(features), S), -1, dtype=torch.long)
+        for i, f in enumerate(features):
+            if f["step_ids"] and first_latent[i] is None:
+                raise ValueError(f"item {f['idx']} has steps for its thoughts to write but no latent tokens")
+            for j, (step, thought) in enumerate(zip(f["step_ids"], f["step_thoughts"], strict=True)):
+                step_ids[i, j, :len(step)] = torch.tensor(step)
+                step_columns[i, j] = first_latent[i] + thought
+        return {"step_ids": step_ids, "step_columns": step_columns}  # (B, S, L), (B, S)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ class CoconutOutput:
     loss: torch.Tensor | None
     logits: torch.Tensor | None  # (B, T, V); or (N, V) at the N labelled positions with labelled_logits_only
     inputs_embeds: torch.Tensor  # (B, T, C) the embeddings actually fed, continuous thoughts included
+    step_loss: torch.Tensor | None = None  # thought_supervision: mean cross-entropy over the steps' tokens
 
 
 class _PrefixLayer(DynamicLayer):
@@ -273,11 +274,15 @@ class MultimodalCoconut(nn.Module):
         labelled_logits_only: bool = False,
         min_passes: int = 0,
         thought_hook=None,
+        step_ids: torch.Tensor | None = None,
+        step_columns: torch.Tensor | None = None,
     ) -> CoconutOutput:
         """Loss (mean shifted cross-entropy over labels != -100), logits and the fed embeddings.
 
         `labelled_logits_only` applies the LM head only where the loss needs it (training: most positions are image
         and question tokens without labels), returning logits of shape (N, V) for the N labelled positions.
+        `step_ids` / `step_columns` (the collator's, with thought_supervision) add `.step_loss` (see `step_loss`),
+        computed here so that DDP and FSDP see it as part of the forward.
         """
         if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be a non-empty (batch, length) tensor, got shape {tuple(input_ids.shape)}")
@@ -286,9 +291,10 @@ class MultimodalCoconut(nn.Module):
         embeds = self.embed(input_ids, pixel_values)
         bounds, n_latents = self._pass_bounds(input_ids, min_passes)
         hidden, fed, _ = self._run(embeds, attention_mask, position_ids, bounds, n_latents, thought_hook=thought_hook)
+        step_loss = None if step_ids is None else self.step_loss(input_ids, fed, step_ids, step_columns)
 
         if labels is None:
-            return CoconutOutput(loss=None, logits=self.lm_head(hidden), inputs_embeds=fed)
+            return CoconutOutput(loss=None, logits=self.lm_head(hidden), inputs_embeds=fed, step_loss=step_loss)
         targets = labels[:, 1:]  # (B, T-1)
         if labelled_logits_only:
             keep = targets != -100
@@ -299,7 +305,41 @@ class MultimodalCoconut(nn.Module):
             # Shift the labels, not the logits: slicing (B, T, V) makes a full copy, and its backward a full zero tensor.
             targets = F.pad(targets, (0, 1), value=-100)  # (B, T)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        return CoconutOutput(loss=loss, logits=logits, inputs_embeds=fed)
+        return CoconutOutput(loss=loss, logits=logits, inputs_embeds=fed, step_loss=step_loss)
+
+    def step_loss(self, input_ids: torch.Tensor, fed: torch.Tensor, step_ids: torch.Tensor,
+                  step_columns: torch.Tensor) -> torch.Tensor:
+        """SIM-CoT's step supervision (config thought_supervision) with this model's own decoder and LM head.
+
+        Every (row, step) pair with `step_columns[b, s] >= 0` becomes one sequence [thought, step tokens], where the
+        thought is exactly what was fed at column step_columns[b, s] of `fed` (the forward's (B, T, C) fed embeddings,
+        gradients flowing into it), at positions 0..; the loss is the cross-entropy of each step token predicted from
+        the positions before it (the thought predicts the first), averaged over all step tokens of the batch.
+        `step_ids` (B, S, L): token ids, -100 after a step's end. One decoder call for the whole batch, and one even
+        when no pair has a step (a zero-weighted call: under FSDP every rank makes the same number of calls).
+        """
+        if not self.continuous_thoughts:
+            raise ValueError("step supervision trains continuous thoughts; this model feeds <|latent|> embeddings "
+                             "(continuous_thoughts=False)")
+        rows, slots = torch.nonzero(step_columns >= 0, as_tuple=True)  # (N,) pairs with a step
+        cols = step_columns[rows, slots]
+        if not bool((input_ids[rows, cols] == self.latent_token_id).all()):
+            raise ValueError(f"step_columns point at columns that hold no <|latent|>: rows {rows.tolist()}, columns "
+                             f"{cols.tolist()}, tokens {input_ids[rows, cols].tolist()}")
+        targets = step_ids[rows, slots]  # (N, L)
+        if targets.shape[0] == 0 or targets.shape[1] == 0:
+            h = self.decoder(inputs_embeds=fed[:1, :1], position_ids=step_columns.new_zeros(1, 1),
+                             use_cache=False).last_hidden_state  # (1, 1, C)
+            return self.lm_head(h[:, 0]).float().sum() * 0.0
+        N, L = targets.shape
+        # The step's last token is never an input. Ids after a step's end (-100) become 0: right-padding, which no
+        # real position attends to under the causal mask, so no attention mask is needed.
+        tokens = self.embedding(targets[:, :-1].clamp(min=0))  # (N, L-1, C)
+        x = torch.cat([fed[rows, cols].unsqueeze(1), tokens], dim=1)  # (N, L, C)
+        positions = torch.arange(L, device=x.device).expand(N, L)
+        h = self.decoder(inputs_embeds=x, position_ids=positions, use_cache=False).last_hidden_state  # (N, L, C)
+        keep = targets != -100
+        return F.cross_entropy(self.lm_head(h[keep]).float(), targets[keep])
 
     # -- generation -------------------------------------------------------------------------------------------
 

@@ -303,6 +303,8 @@ def fit(cfg: Config, env) -> list[dict]:
                 raise
         metrics = {"epoch": epoch + 1, "stage": stage, "global_step": state["global_step"],
                    "train_loss": train_loss, "tokens_per_s": tokens_per_s}
+        if cfg.thought_supervision > 0:  # the step loss beside the answer loss (train_loss stays the answer's)
+            metrics["train_step_loss"] = state.pop("train_step_loss", None)
         last = epoch == cfg.num_epochs - 1 or cfg.only_eval
         if val_gen_set is not None and (cfg.eval_every_epoch or last):
             metrics.update(evaluate(wrapped, model, backbone, gen_cfg, env, epoch, stage, val_samples,
@@ -378,6 +380,9 @@ def train_epoch(wrapped, model, optimizer, dataset, collator, cfg: Config, env, 
 
     The loss of an optimizer step is the mean over all label tokens of its global batch (all ranks, all
     accumulation micro-batches), so N processes give the same updates as one process with the same global batch.
+    With thought_supervision, thought_supervision x the step loss, the mean over all step tokens of the global batch
+    in the same way, is added, and the epoch's mean step loss goes to state["train_step_loss"] (None when the epoch
+    supervised no step: stage 0).
     """
     sampler = LengthGroupedBatchSampler(dataset.lengths, cfg.batch_size_training, shuffle=True, seed=cfg.seed,
                                         rank=env.rank, world_size=env.world_size)
@@ -392,6 +397,9 @@ def train_epoch(wrapped, model, optimizer, dataset, collator, cfg: Config, env, 
     n_windows = steps_per_epoch(len(sampler), accum)
     loss_sum = torch.zeros((), dtype=torch.float64)
     token_count = torch.zeros((), dtype=torch.float64)
+    supervise = cfg.thought_supervision > 0  # the step loss (SIM-CoT), logged apart from the answer loss
+    step_loss_sum = torch.zeros((), dtype=torch.float64)
+    step_token_count = torch.zeros((), dtype=torch.float64)
     seen_tokens, t0 = 0, time.time()
     pbar = tqdm(total=n_windows, desc=f"epoch {epoch + 1}/{cfg.num_epochs} (stage {stage})", disable=not env.master,
                 dynamic_ncols=True)
@@ -404,24 +412,38 @@ def train_epoch(wrapped, model, optimizer, dataset, collator, cfg: Config, env, 
         n_labels = torch.stack([(b["labels"][:, 1:] != -100).sum() for b in micro]).to(torch.float64)
         global_labels = distributed.all_reduce_sum(n_labels.sum())
         window_loss = torch.zeros((), dtype=torch.float64, device=env.device)
+        if supervise:
+            n_step_tokens = torch.stack([(b["step_ids"] != -100).sum() for b in micro]).to(torch.float64)
+            global_step_tokens = distributed.all_reduce_sum(n_step_tokens.sum())
+            window_step_loss = torch.zeros((), dtype=torch.float64, device=env.device)
         for i, batch in enumerate(micro):
             min_passes = model.num_passes(batch["input_ids"]) if fsdp else 0
             if fsdp:
                 min_passes = int(distributed.all_reduce_max(min_passes, env.device))
             sync = nullcontext() if i == size - 1 or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
+            steps = {"step_ids": batch["step_ids"], "step_columns": batch["step_columns"]} if supervise else {}
             with sync, autocast:
                 out = wrapped(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["position_ids"],
                               batch["pixel_values"], labelled_logits_only=cfg.loss_logits_only,
-                              min_passes=min_passes)
+                              min_passes=min_passes, **steps)
                 # DDP / FSDP average gradients over ranks; scale so the result is the global per-token mean.
                 token_sum = out.loss * n_labels[i].to(out.loss.device)
-                (token_sum * env.world_size / global_labels.to(out.loss.device)).backward()
+                loss = token_sum * env.world_size / global_labels.to(out.loss.device)
+                if supervise:  # the same for the step tokens (none at stage 0: a zero-weighted term, see step_loss)
+                    step_sum = out.step_loss * n_step_tokens[i].to(out.loss.device)
+                    loss = loss + cfg.thought_supervision * step_sum * env.world_size / \
+                        global_step_tokens.clamp(min=1).to(out.loss.device)
+                    window_step_loss += step_sum.detach().double()
+                loss.backward()
             window_loss += token_sum.detach().double()
             seen_tokens += int(batch["attention_mask"].sum())
         window_loss = distributed.all_reduce_sum(window_loss).cpu()
-        if not torch.isfinite(window_loss):
+        if supervise:
+            window_step_loss = distributed.all_reduce_sum(window_step_loss).cpu()
+        if not torch.isfinite(window_loss) or (supervise and not torch.isfinite(window_step_loss)):
+            also = f" (the step loss {window_step_loss.item()})" if supervise else ""
             raise FloatingPointError(
-                f"the loss is {window_loss.item()} at epoch {epoch + 1}, step {window} of the epoch (global step "
+                f"the loss is {window_loss.item()}{also} at epoch {epoch + 1}, step {window} of the epoch (global step "
                 f"{state['global_step']}); training stopped before updating the weights. The last good checkpoint "
                 f"is the newest checkpoint_* in {Path(cfg.save_path) / cfg.name}")
         if cfg.max_grad_norm:
@@ -436,13 +458,21 @@ def train_epoch(wrapped, model, optimizer, dataset, collator, cfg: Config, env, 
         loss_sum += window_loss
         token_count += global_labels.cpu()
         step_loss = (window_loss / global_labels.cpu()).item()
+        values = {"train/loss": step_loss, "train/lr": optimizer.param_groups[0]["lr"]}
+        if supervise:
+            step_loss_sum += window_step_loss
+            step_token_count += global_step_tokens.cpu()
+            values["train/step_loss"] = (window_step_loss / global_step_tokens.cpu()).item() \
+                if global_step_tokens > 0 else None
         pbar.update(1)
         pbar.set_postfix(loss=f"{step_loss:.4f}")
         if env.master and cfg.log_every and state["global_step"] % cfg.log_every == 0:
-            _log_step(cfg, state["global_step"], {"train/loss": step_loss, "train/lr": optimizer.param_groups[0]["lr"]})
+            _log_step(cfg, state["global_step"], values)
     pbar.close()
     elapsed = time.time() - t0
     seen = distributed.all_reduce_sum(torch.tensor(float(seen_tokens), device=env.device)).item()
+    if supervise:
+        state["train_step_loss"] = (step_loss_sum / step_token_count).item() if step_token_count > 0 else None
     return (loss_sum / token_count.clamp(min=1)).item(), round(seen / max(elapsed, 1e-9), 1)
 
 
@@ -583,8 +613,8 @@ def _append_metrics(run_dir: Path, metrics: dict, env) -> None:
 
 def _format_metrics(m: dict) -> str:
     parts = [f"epoch {m['epoch']} (stage {m['stage']})"]
-    for key in ("train_loss", "val_loss", "mc_accuracy", "da_accuracy", "accuracy", "cot_accuracy", "tokens_per_s",
-                "wall_time_s"):
+    for key in ("train_loss", "train_step_loss", "val_loss", "mc_accuracy", "da_accuracy", "accuracy", "cot_accuracy",
+                "tokens_per_s", "wall_time_s"):
         if m.get(key) is not None:
             parts.append(f"{key} {m[key]:.4g}" if isinstance(m[key], float) else f"{key} {m[key]}")
     return " | ".join(parts)
