@@ -14,6 +14,9 @@ Rows, as config keys on top of --config (the original Coconut's flags; `curricul
     w/o thought        coconut, no_thoughts: true    the curriculum removes steps and puts nothing in their place
     Pause as thought   coconut: false                the curriculum's layout; a thought is a learned <|latent|> token
 
+and, with --rows, the options on the thought: coconut_norm (thought_norm: projection), coconut_step
+(thought_supervision: 1.0) and coconut_norm_step (both), each plain Coconut's recipe with the option added.
+
 As in the paper (and the original repository's recipe: train CoT, then set its checkpoint as Coconut's
 load_model_path with `resume` skipping stage 0), every row but No-CoT starts from a CoT model: per seed, a run
 cot_warmup_seed{S} trains CoT for --cot-warmup epochs; the other rows load its last checkpoint with
@@ -54,6 +57,13 @@ ROWS = [  # (key, name in the table, config overrides)
     ("no_curriculum", "w/o curriculum", ["coconut=true", "curriculum=false"]),
     ("no_thought", "w/o thought", ["coconut=true", "no_thoughts=true"]),
     ("pause", "Pause as thought", ["coconut=false"]),
+]
+# Options on the thought (README "The paper's table"), opt-in with --rows: plain Coconut plus one option or both.
+OPTION_ROWS = [
+    ("coconut_norm", "Coconut + norm", ["coconut=true", "thought_norm=projection"]),
+    ("coconut_step", "Coconut + step supervision", ["coconut=true", "thought_supervision=1.0"]),
+    ("coconut_norm_step", "Coconut + norm + step sup.", ["coconut=true", "thought_norm=projection",
+                                                         "thought_supervision=1.0"]),
 ]
 # The table's setting on the built-in set: the demo's model and data, 1,600 questions, 3 epochs (300 steps) of CoT
 # warm-up, then one epoch per stage up to stage 4 (every step a thought): 400 steps per row after the warm-up.
@@ -177,7 +187,7 @@ def _mean_std(values: list) -> tuple[float | None, float | None]:
 def summarise(runs: dict[str, dict[int, dict]], keys: list[str]) -> dict:
     """Per row: mean and std over seeds of every number of the table (the accuracies `keys` first)."""
     table = {}
-    for key, name, _ in ROWS:
+    for key, name, _ in ROWS + OPTION_ROWS:
         if key not in runs:
             continue
         seeds = runs[key]
@@ -214,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="args/demo.yaml", help="the base config every row starts from")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--quick", action="store_true", help="a tiny setting (one seed unless --seeds): ~2 minutes")
-    p.add_argument("--rows", nargs="+", choices=[k for k, _, _ in ROWS], help="a subset of the rows")
+    p.add_argument("--rows", nargs="+", choices=[k for k, _, _ in ROWS + OPTION_ROWS],
+                   help="the rows to train (default: the six of the paper's table; the options' rows on request)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
     p.add_argument("--cot-warmup", type=int, metavar="EPOCHS",
                    help="epochs of CoT that every row but No-CoT starts from; 0: every row from the backbone "
@@ -231,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick and not shapes:
         sizes = QUICK[:2] if base_cfg.dataset == "builtin" else ["max_val_samples=8"]
         base = QUICK[2:] + sizes + list(args.set)
-    rows = [r for r in ROWS if not args.rows or r[0] in args.rows]
+    rows = [r for r in ROWS + OPTION_ROWS if r[0] in args.rows] if args.rows else ROWS
     args.out.mkdir(parents=True, exist_ok=True)
 
     cfg = load_config(args.config, run_overrides(args.out, base_cfg, [], seeds[0], base), check_paths=False)

@@ -150,15 +150,21 @@ def test_app_of_a_text_model_has_no_image_input_and_answers(run, run_predictions
 
 @pytest.mark.slow  # three runs of tiny-text in child processes
 def test_experiment_table_on_a_coconut_config_reports_its_accuracies(tmp_path):
-    """No-CoT (from the backbone) and Coconut (from the CoT warm-up's text checkpoint): the warm-up, then both."""
+    """No-CoT (from the backbone), Coconut and Coconut with both options on the thought (from the CoT warm-up's text
+    checkpoint: a fresh thought projection)."""
     out = tmp_path / "table"
     args = ["--out", str(out), "--quick", "--config", str(PROSQA), "--cot-warmup", "1", "--jobs", "2",
-            "--rows", "no_cot", "coconut",
+            "--rows", "no_cot", "coconut", "coconut_norm_step",
             "--set", f"train_path={FIXTURES / 'prosqa_train.json'}", f"val_path={FIXTURES / 'prosqa_valid.json'}"]
     assert experiments.main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["dataset"] == "coconut" and list(results["metrics"]) == ["accuracy", "cot_accuracy"]
-    assert list(results["rows"]) == ["no_cot", "coconut"]
+    assert list(results["rows"]) == ["no_cot", "coconut", "coconut_norm_step"]
+    options = (out / "runs" / "coconut_norm_step_seed0" / "config.yaml").read_text()
+    assert "thought_norm: projection" in options and "thought_supervision: 1.0" in options
+    step_losses = [json.loads(line).get("train_step_loss") for line in
+                   (out / "runs" / "coconut_norm_step_seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert step_losses and all(loss > 0 for loss in step_losses)  # stage 1: one step written from its thought
     warm = out / "runs" / "cot_warmup_seed0" / "checkpoint_1"
     for key, row in results["rows"].items():
         assert 0 <= row["accuracy"] <= 100 and 0 <= row["cot_accuracy"] <= 100 and row["inference_s"] > 0
