@@ -49,8 +49,10 @@ def error(path: Path, overrides=(), **kw) -> str:
 
 
 def test_every_yaml_in_args_is_covered():
-    # prosqa_coconut.yaml (the original Coconut's config on tiny-text) is covered in test_own_data.py
-    assert sorted(p.name for p in ARGS.glob("*.yaml")) == sorted(REAL_CONFIGS + ["demo.yaml", "prosqa_coconut.yaml"])
+    # prosqa_coconut.yaml (the original Coconut's config on tiny-text) is covered in test_own_data.py, the hops recipes
+    # in test_hops_data.py
+    assert sorted(p.name for p in ARGS.glob("*.yaml")) == sorted(REAL_CONFIGS + ["demo.yaml", "prosqa_coconut.yaml",
+                                                                                 "hops.yaml", "hops_text.yaml"])
 
 
 @pytest.mark.parametrize("name", REAL_CONFIGS)
@@ -398,6 +400,11 @@ def test_markdown_table_has_a_row_per_field():
     for line, f in zip(rows, dataclasses.fields(Config)):
         assert line.startswith(f"| `{f.name}` | ") and line.endswith(" |")
         assert line.replace("\\|", "").count("|") == 5  # four cells, no stray pipe
+
+
+def test_readme_lists_every_key_as_the_config_describes_it():
+    """README's config table is config_table_markdown() as it is now: no key missing, no stale default."""
+    assert config_table_markdown() in (REPO / "README.md").read_text()
 
 
 def test_save_then_load_round_trips(tmp_path):
