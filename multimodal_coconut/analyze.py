@@ -99,6 +99,22 @@ def ablations(trained: Trained, samples, metrics, seed: int = 0) -> dict:
     return out
 
 
+def thought_use(trained: Trained, samples) -> str:
+    """One line a user can read: the headline accuracy with the thoughts intact and with each question fed another
+    question's thoughts (shuffle), and what the difference means."""
+    metric = metric_keys(trained.config.dataset)[0]
+    intact, shuffled = (evaluate_trained(trained, samples, thought_hook=ablation_hook(name, trained.model))[metric]
+                        for name in ("intact", "shuffle"))
+    if not trained.model.continuous_thoughts or trained.stage == 0:
+        return f"{metric} {intact:.1f}%: this checkpoint feeds no continuous thoughts (stage {trained.stage})"
+    gap = intact - shuffled
+    reading = ("the answers depend on what the thoughts hold" if gap >= 10 else
+               "the answers barely depend on the thoughts: the layers after them solve the question without them"
+               if gap < 3 else "the thoughts carry part of the answer")
+    return (f"{metric} with the thoughts intact {intact:.1f}%, with another question's thoughts {shuffled:.1f}% "
+            f"(a gap of {gap:+.1f} points): {reading}")
+
+
 def per_thought_ablations(trained: Trained, samples, metrics, n_thoughts: int, names=PER_THOUGHT) -> dict:
     """{ablation: [row of thought 1, ..., row of thought n]}: only thought i replaced, i = 1 .. n."""
     out = {}
@@ -471,6 +487,13 @@ def _markdown(result: dict) -> str:
 def analyze(checkpoint, data, out, *, image_root=None, k: int = 5, max_samples: int | None = None,
             seed: int = 0, per_thought: bool = True, curve: bool = True, probe_thoughts: bool = True) -> dict:
     """Load the checkpoint and the data, run the measurements (`analyze_trained`), write them into `out`."""
+    trained, samples = _load(checkpoint, data, image_root, max_samples)
+    return analyze_trained(trained, samples, out, data=data, k=k, seed=seed, per_thought=per_thought, curve=curve,
+                           probe_thoughts=probe_thoughts)
+
+
+def _load(checkpoint, data, image_root=None, max_samples=None):
+    """(the trained model, the samples of `data` read as its training read its data)."""
     from .data import load_samples
 
     trained = load_trained(checkpoint)
@@ -478,8 +501,7 @@ def analyze(checkpoint, data, out, *, image_root=None, k: int = 5, max_samples: 
     samples = load_samples(cfg.dataset, data, image_root=image_root or cfg.image_root if cfg.dataset != "builtin"
                            else image_root, steps_from=cfg.steps_from, answer_from=cfg.answer_from,
                            skip_bad_records=cfg.skip_bad_records, max_samples=max_samples)
-    return analyze_trained(trained, samples, out, data=data, k=k, seed=seed, per_thought=per_thought, curve=curve,
-                           probe_thoughts=probe_thoughts)
+    return trained, samples
 
 
 def analyze_trained(trained: Trained, samples, out, *, data="", k: int = 5, seed: int = 0, per_thought: bool = True,
@@ -520,7 +542,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint", help="a run directory, a checkpoint_N directory or an exported folder")
     p.add_argument("--data", required=True, help="the data file to analyse on, in the run's dataset format")
     p.add_argument("--image-root", default=None, help="images folder (default: the training config's)")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", type=Path, help="where the analysis goes (not needed with --thought-use)")
+    p.add_argument("--thought-use", action="store_true",
+                   help="only print the accuracy with the thoughts intact and shuffled across questions (one line)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--max-samples", type=int, default=None, help="the first N questions only")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise ablation and of the probe's split")
@@ -531,6 +555,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
                    help="decoding and linear probes of the step's node (data with step_nodes)")
     args = p.parse_args(argv)
+    if args.thought_use:
+        print(thought_use(*_load(args.checkpoint, args.data, args.image_root, args.max_samples)))
+        return 0
+    if args.out is None:
+        p.error("--out is required (unless --thought-use)")
     result = analyze(args.checkpoint, args.data, args.out, image_root=args.image_root, k=args.top_k,
                      max_samples=args.max_samples, seed=args.seed, per_thought=args.per_thought, curve=args.curve,
                      probe_thoughts=args.probe)

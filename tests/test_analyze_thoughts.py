@@ -269,3 +269,18 @@ def test_multimodal_analysis_with_step_nodes(tiny, builtin_val, tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     assert not (tmp_path / "ablations_per_thought.png").exists()
     assert "Skipped: --no-per-thought." in (tmp_path / "analysis.md").read_text()
+
+
+def test_thought_use_line_reports_intact_and_shuffled_accuracy(text_trained, text_samples, text_run, text_val, capsys):
+    """The demo's last line: intact and shuffled accuracy as evaluate_trained gives them, their gap, and a reading.
+    With planted answers (intact 100%) the shuffled accuracy is whatever another question's thoughts leave right."""
+    from multimodal_coconut.analyze import ablation_hook, thought_use
+    from multimodal_coconut.inference import evaluate_trained
+
+    samples = planted(text_trained, text_samples)
+    shuffled = evaluate_trained(text_trained, samples, thought_hook=ablation_hook("shuffle", text_trained.model))
+    line = thought_use(text_trained, samples)
+    assert line.startswith(f"accuracy with the thoughts intact 100.0%, with another question's thoughts "
+                           f"{shuffled['accuracy']:.1f}% (a gap of {100 - shuffled['accuracy']:+.1f} points): ")
+    assert main([str(text_run), "--data", str(text_val), "--thought-use"]) == 0
+    assert "with the thoughts intact" in capsys.readouterr().out
