@@ -89,3 +89,46 @@ def test_a_hung_rank_becomes_an_error_naming_the_rank_within_the_timeout(tmp_pat
     assert "rank 0 of 2: all_reduce (sum) did not complete" in proc.stderr
     assert "Timed out waiting 6000ms" in proc.stderr
     assert time.time() - start < 240  # process start-up on 2 busy cores included; the wait itself is 6 s
+
+
+def test_a_lost_node_leaves_the_survivor_to_finish_on_its_own(reference, tmp_path):
+    """Two torchrun agents ("nodes", one process each) joined by a c10d rendezvous with --nnodes 1:2; the second agent
+    and its worker are SIGKILLed once a checkpoint is complete. The survivor's collective fails within
+    dist_timeout_minutes (or at once: "Connection reset by peer"), its agent restarts its worker, the rendezvous closes with the one node left, and the run
+    resumes from the newest complete checkpoint on 1 process and finishes. (The global batch halves with the world:
+    batch_size_training is per process.)"""
+    import signal
+
+    port = 29000 + (os.getpid() * 11) % 900
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc_per_node", "1",
+              "--max-restarts", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"localhost:{port}",
+              "--rdzv_id", f"lost-node-{os.getpid()}", "--rdzv_conf", "last_call_timeout=5",
+              str(ROOT / "run.py"), str(PROSQA), f"save_path={tmp_path}", *FAST[:-1], "num_epochs=4",
+              "batch_size_training=4", "dist_timeout_minutes=0.2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    log = open(tmp_path / "host.log", "w")  # a file, not a pipe nobody reads while the run goes on (it would block)
+    host = subprocess.Popen(launch, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    time.sleep(2)  # the first agent hosts the rendezvous
+    lost = subprocess.Popen(launch, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    run = tmp_path / "prosqa-coconut"
+    deadline = time.time() + 300
+    while not (run / "checkpoint_1" / "COMPLETE").exists():
+        assert time.time() < deadline and host.poll() is None and lost.poll() is None
+        time.sleep(0.2)
+    # The node is gone: its agent and its worker (torchrun starts workers in sessions of their own).
+    subprocess.run(["pkill", "-KILL", "-P", str(lost.pid)], check=True)
+    os.killpg(lost.pid, signal.SIGKILL)
+    host.wait(timeout=600)
+    log.close()
+    out = (tmp_path / "host.log").read_text()
+    assert host.returncode == 0, out[-3000:]
+    assert "failed (exitcode: 1)" in out  # the survivor's worker saw its peer die (in a collective) and failed
+    resumed = [line for line in out.splitlines() if line.startswith("resuming from")]
+    assert len(resumed) == 1
+    done = int(resumed[0].split("(epoch ")[1].split(" ")[0])
+    metrics = read_metrics(run)
+    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]
+    for ours, theirs in zip(metrics[:done], reference):  # before the loss of the node: 2 processes = 1
+        assert ours["val_loss"] == pytest.approx(theirs["val_loss"], rel=1e-4, abs=1e-5)
+    assert json.loads((run / "checkpoint_4" / "progress.json").read_text())["world_size"] == 1
