@@ -61,10 +61,10 @@ def fake_init(backend=None, **kwargs):
     real_init("gloo", **kwargs)
 
 
-def fake_setup():
+def fake_setup(**kwargs):
     with mock.patch("torch.cuda.is_available", return_value=True), mock.patch("torch.cuda.set_device"), \
             mock.patch.object(dist, "init_process_group", fake_init):
-        env = real_setup()
+        env = real_setup(**kwargs)
     assert env.device.type == "cuda", "setup did not take the GPU path"
     env.device = torch.device("cpu")
     if env.master:
