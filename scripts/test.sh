@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up and run the whole test suite, slow tests included (CPU, tiny models, about 12 minutes on 2 cores; CI runs
-# this). Extra arguments go to pytest. Without --runslow, `pytest` alone skips the slow ones (about 5 minutes).
+# Set up and run the whole test suite, slow tests included (CPU, tiny models, about 20-27 minutes on 2 cores; CI runs
+# this). Extra arguments go to pytest. Without --runslow, `pytest` alone skips the slow ones.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev
