@@ -107,9 +107,12 @@ def run_overrides(out: Path, cfg: Config, row: list[str], seed: int, base: list[
         d, hops = out / "data", hops_of(cfg)
         data = [f"train_path={builtin_path(d, 'train', hops)}", f"val_path={builtin_path(d, 'val', hops)}",
                 f"image_root={d}"]
-    # Options on the thought shape continuous thoughts only: the rows without them (No-CoT, CoT, pause) drop them.
+    # Options on the thought shape continuous thoughts only: the rows without them (No-CoT, CoT, pause) drop them, and
+    # step supervision (which trains what is fed at a thought) w/o thought too, so a base config may set them.
     if "coconut=false" in row:
         data += ["thought_norm=none"]
+    if "coconut=false" in row or "no_thoughts=true" in row:
+        data += ["thought_supervision=0"]
     return [*base, *data, *row, f"seed={seed}", f"save_path={out / 'runs'}"]
 
 
