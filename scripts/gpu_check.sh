@@ -10,7 +10,8 @@
 #      code, as OpenGVLab/InternVL3-1B-Pretrained), under DDP and under FSDP2 (generation under FSDP included; the FSDP runs write their checkpoints with async_checkpoint).
 #      Every collective runs on NCCL, so a tensor on the wrong device fails here. With one process the model is not
 #      wrapped (distributed.wrap_model wraps for 2+ processes): DDP/FSDP themselves need NPROC=2 on 2 GPUs.
-# 5.   The speed and memory benchmark at InternVL3-1B's shapes (random weights), numbers to OUT_DIR/benchmark.json.
+# 5.   The same FSDP run of the tiny model with thought_norm=projection and thought_supervision=1.0.
+# 6.   The speed and memory benchmark at InternVL3-1B's shapes (random weights), numbers to OUT_DIR/benchmark.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
@@ -69,23 +70,18 @@ DATA=(train_path="$OUT/data/aokvqa_v1p0_train.json" val_path="$OUT/data/aokvqa_v
 COMMON=(save_path="$OUT/runs" num_epochs=2 epochs_per_stage=1 max_latent_stage=1 batch_size_training=8
         max_new_tokens=16 num_workers=0 bf16=true)
 port=29600
-for model in tiny standin; do
-    if [ "$model" = standin ]; then
-        MODEL=(model_id="$OUT/standin" trust_remote_code=true image_size=64 max_num_patches=1)
-    else
-        MODEL=(model_id=tiny)
-    fi
-    for strategy in ddp fsdp; do
-        name="$model-$strategy"
-        port=$((port + 1))
-        rm -rf "$OUT/runs/$name"
-        start=$SECONDS
-        if step "$name: torchrun, $NPROC process(es), NCCL, bf16" "$OUT/$name.log" 240 \
-            python -m torch.distributed.run --nnodes 1 --nproc_per_node "$NPROC" --master_port "$port" run.py \
-            args/demo.yaml name="$name" distributed="$strategy" async_checkpoint=$([ "$strategy" = fsdp ] && echo true || echo false) \
-            "${MODEL[@]}" "${DATA[@]}" "${COMMON[@]}"; then
-            # Both epochs trained (finite loss) and were evaluated (generation -> accuracy).
-            detail=$(python - "$OUT/runs/$name/metrics.jsonl" 2>&1 <<'EOF'
+train_check() {  # train_check NAME STRATEGY OVERRIDES...: torchrun on NCCL, then check both epochs in metrics.jsonl
+    local name=$1 strategy=$2
+    shift 2
+    port=$((port + 1))
+    rm -rf "$OUT/runs/$name"
+    start=$SECONDS
+    if step "$name: torchrun, $NPROC process(es), NCCL, bf16" "$OUT/$name.log" 240 \
+        python -m torch.distributed.run --nnodes 1 --nproc_per_node "$NPROC" --master_port "$port" run.py \
+        args/demo.yaml name="$name" distributed="$strategy" async_checkpoint=$([ "$strategy" = fsdp ] && echo true || echo false) \
+        "$@" "${DATA[@]}" "${COMMON[@]}"; then
+        # Both epochs trained (finite loss) and were evaluated (generation -> accuracy).
+        detail=$(python - "$OUT/runs/$name/metrics.jsonl" 2>&1 <<'EOF'
 import json, math, sys
 metrics = [json.loads(line) for line in open(sys.argv[1])]
 assert [m["epoch"] for m in metrics] == [1, 2], metrics
@@ -96,13 +92,25 @@ print("loss " + " ".join(f"{m['train_loss']:.3f}" for m in metrics)
       + " | MC " + " ".join(f"{m['mc_accuracy']:.1f}" for m in metrics)
       + " | tok/s " + " ".join(str(m["tokens_per_s"]) for m in metrics))
 EOF
-            ) && record "$name" $((SECONDS - start)) ok "$detail" \
-              || record "$name" $((SECONDS - start)) FAIL "metrics.jsonl: ${detail##*$'\n'}"
-        else
-            record "$name" $((SECONDS - start)) FAIL "see $OUT/$name.log"
-        fi
+        ) && record "$name" $((SECONDS - start)) ok "$detail" \
+          || record "$name" $((SECONDS - start)) FAIL "metrics.jsonl: ${detail##*$'\n'}"
+    else
+        record "$name" $((SECONDS - start)) FAIL "see $OUT/$name.log"
+    fi
+}
+for model in tiny standin; do
+    if [ "$model" = standin ]; then
+        MODEL=(model_id="$OUT/standin" trust_remote_code=true image_size=64 max_num_patches=1)
+    else
+        MODEL=(model_id=tiny)
+    fi
+    for strategy in ddp fsdp; do
+        train_check "$model-$strategy" "$strategy" "${MODEL[@]}"
     done
 done
+# 5. The options on the thought (learned projection + step supervision) under FSDP: the projection's parameters
+#    are sharded and checkpointed with the model, the step loss's extra decoder call runs on every rank.
+train_check "tiny-fsdp-options" fsdp model_id=tiny thought_norm=projection thought_supervision=1.0
 
 start=$SECONDS
 if step "benchmark: InternVL3-1B shapes" "$OUT/benchmark.log" 330 \
