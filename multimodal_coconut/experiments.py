@@ -160,7 +160,7 @@ def evaluate_run(run_dir: Path, keys: list[str]) -> dict:
     metrics = read_metrics(run_dir)
     if cache.exists():
         result = json.loads(cache.read_text())
-        if result.get("epoch") == metrics[-1]["epoch"] and all(k in result for k in keys):
+        if result.get("epoch") == metrics[-1]["epoch"] and all(k in result for k in (*keys, "shuffled")):
             return result
     from .data import load_samples
     from .inference import evaluate_trained, load_trained
@@ -172,6 +172,14 @@ def evaluate_run(run_dir: Path, keys: list[str]) -> dict:
                            max_samples=cfg.max_val_samples)
     ev = evaluate_trained(trained, samples)
     result = {k: ev.get(k) for k in (*keys, "written_tokens", "thoughts", "inference_s")}
+    # Do the answers need the thoughts? The headline accuracy with each question fed another question's thoughts
+    # (analyze's `shuffle`); None for a run that feeds none (No-CoT, CoT, pause, w/o thought, stage 0).
+    result["shuffled"] = None
+    if trained.model.continuous_thoughts and not cfg.no_thoughts and trained.stage > 0:
+        from .analyze import ablation_hook
+
+        hook = ablation_hook("shuffle", trained.model)
+        result["shuffled"] = evaluate_trained(trained, samples, thought_hook=hook)[keys[0]]
     result.update(epoch=metrics[-1]["epoch"], stage=trained.stage,
                   train_s=round(sum(m.get("wall_time_s") or 0 for m in metrics), 1),
                   **{f"train_{k}": metrics[-1].get(k) for k in keys},
@@ -195,7 +203,7 @@ def summarise(runs: dict[str, dict[int, dict]], keys: list[str]) -> dict:
             continue
         seeds = runs[key]
         row = {"name": name, "seeds": sorted(seeds)}
-        for field in (*keys, "written_tokens", "thoughts", "train_s", "inference_s"):
+        for field in (*keys, "shuffled", "written_tokens", "thoughts", "train_s", "inference_s"):
             row[field], row[f"{field}_std"] = _mean_std([r[field] for r in seeds.values()])
         table[key] = row
     return table
@@ -207,14 +215,18 @@ def format_table(table: dict, setting: str, metrics: dict[str, str]) -> str:
         mean, std = row[field], row[f"{field}_std"]
         return "-" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
-    columns = [*metrics.values(), "written tokens", "thoughts", "train (s)", "inference (s)"]
+    shuffled = f"{next(iter(metrics.values()))}, thoughts shuffled"
+    columns = [*metrics.values(), shuffled, "written tokens", "thoughts", "train (s)", "inference (s)"]
     lines = [f"Mean ± std over seeds; {setting}.", "",
              "| method | seeds | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for row in table.values():
-        cells = [cell(row, k) for k in metrics] + [cell(row, "written_tokens"), cell(row, "thoughts"),
-                                                   cell(row, "train_s", 0), cell(row, "inference_s", 1)]
+        cells = [cell(row, k) for k in (*metrics, "shuffled", "written_tokens", "thoughts")] + [
+            cell(row, "train_s", 0), cell(row, "inference_s", 1)]
         lines.append(f"| {row['name']} | {','.join(map(str, row['seeds']))} | " + " | ".join(cells) + " |")
-    lines += ["", "written tokens: new tokens per question before EOS (steps, `### `, the answer); thoughts: latent "
+    lines += ["", f"{shuffled}: the same accuracy with every question fed another question's thoughts (the batch "
+              "rolled by one row, as `analyze`'s shuffle), for the rows that feed continuous thoughts: the gap to "
+              "the accuracy is what the answers owe to the thoughts. "
+              "written tokens: new tokens per question before EOS (steps, `### `, the answer); thoughts: latent "
               "positions per question (counted as generated tokens in the paper's table); train: wall time of all "
               "epochs, their evaluations included; inference: answering the validation set once. Times are on a "
               "shared machine and only roughly comparable."]

@@ -68,6 +68,13 @@ def test_analyze_intact_equals_the_evaluation_and_shapes(table, tmp_path):
     assert set(result["ablations"]) == {"intact", "zero", "noise", "shuffle", "pause"}
     assert result["ablations"]["intact"]["mc_accuracy"] == last["mc_accuracy"]
     assert result["ablations"]["intact"]["da_accuracy"] == last["da_accuracy"]
+    # The table's "thoughts shuffled" column is analyze's shuffle ablation, on the rows that feed thoughts only.
+    results = json.loads((table / "results.json").read_text())
+    assert results["runs"]["coconut"]["0"]["shuffled"] == result["ablations"]["shuffle"]["mc_accuracy"]
+    assert results["rows"]["coconut"]["shuffled"] == result["ablations"]["shuffle"]["mc_accuracy"]
+    assert results["runs"]["no_curriculum"]["0"]["shuffled"] is not None
+    assert all(results["rows"][k]["shuffled"] is None for k in ("no_cot", "cot", "no_thought", "pause"))
+    assert "MC acc. (%), thoughts shuffled" in (table / "results.md").read_text()
     assert result["n_samples"] == 4 and result["thoughts_per_question"] == 1
 
     decoding = result["decoding"]
