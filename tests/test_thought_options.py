@@ -171,3 +171,24 @@ def test_table_rows_without_continuous_thoughts_drop_the_options(tmp_path):
                     "no_thought": ("projection", 0), "coconut": ("projection", 1.0),
                     "no_curriculum": ("projection", 1.0), "coconut_norm": ("projection", 1.0),
                     "coconut_step": ("projection", 1.0), "coconut_norm_step": ("projection", 1.0)}
+
+
+def test_the_projection_trains_and_exports_beside_lora_adapters(tmp_path):
+    """With LoRA the backbone is frozen but the projection (the wrapper's own) trains in full; the checkpoint holds
+    it beside the adapters (not the frozen base), and the merged export carries the trained projection."""
+    from multimodal_coconut.checkpoint import read_model_state_dict
+    from multimodal_coconut.inference import load_trained
+
+    args = [str(PROSQA), f"save_path={tmp_path}", "name=lora", "thought_norm=projection", "lora_r=4",
+            "epochs_per_stage=1", "max_latent_stage=1", "num_epochs=2", "num_workers=0", "max_new_tokens=8",
+            "lr=1e-3", "batch_size_training=8", "export_hf=true"]
+    assert main(args) == 0
+    saved = read_model_state_dict(tmp_path / "lora" / "checkpoint_2")
+    assert any(".lora_A." in k for k in saved) and "thought_projection.linear.weight" in saved
+    assert not any(k.endswith("q_proj.base_layer.weight") for k in saved)  # frozen: not saved
+    exported = load_trained(tmp_path / "lora" / "hf_model")
+    assert exported.model.thought_norm == "projection"
+    for name, value in exported.model.thought_projection.state_dict().items():
+        assert torch.equal(value, saved[f"thought_projection.{name}"]), name
+    weight = saved["thought_projection.linear.weight"]
+    assert not torch.equal(weight, torch.eye(weight.shape[0]))  # it trained
