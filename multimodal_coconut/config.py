@@ -90,7 +90,7 @@ class Config:
     thought_norm: Literal["none", "embedding", "projection"] = "none"
     """How a last hidden state becomes the next input: as it is (the original), rescaled to the token embeddings' median norm, or through a learned linear map + LayerNorm (CODI), trained with the model and saved with it."""
     thought_supervision: float = 0.0
-    """Weight of SIM-CoT's step supervision (0 = off, the original): in training, the model's own decoder and LM head, given only the last thought of each replaced step, write that step (teacher forcing); loss = answer loss + weight x mean step loss, logged as train_step_loss. Nothing changes at inference."""
+    """Weight of SIM-CoT's step supervision (0 = off, the original): in training, the model's own decoder and LM head, given only the last thought of each replaced step, write that step (teacher forcing); loss = answer loss + weight x mean step loss, logged as train_step_loss. Nothing changes at inference. With pause as thought (coconut false) the step is written from the last hidden state before its latent, what Coconut would feed there."""
 
     # --- model ---
     model_id: str = "tiny"
@@ -262,10 +262,11 @@ class Config:
         _check(len(modes) <= 1, modes, f"at most one of 'coconut', 'cot', 'no_cot' may be true, got {modes}")
         _check(self.thought_norm == "none" or self.coconut, ["thought_norm", "coconut"],
                f"key 'thought_norm: {self.thought_norm}' shapes the continuous thoughts and needs 'coconut: true'")
-        _check(self.thought_supervision == 0 or (self.coconut and not self.no_thoughts),
-               ["thought_supervision", "coconut", "no_thoughts"],
-               f"key 'thought_supervision: {self.thought_supervision}' trains the continuous thoughts to write the "
-               "steps they replace and needs 'coconut: true' (and no_thoughts false: that ablation has no thoughts)")
+        _check(self.thought_supervision == 0 or not (self.cot or self.no_cot or self.no_thoughts),
+               ["thought_supervision", "cot", "no_cot", "no_thoughts"],
+               f"key 'thought_supervision: {self.thought_supervision}' trains the thoughts to write the steps they "
+               "replace and needs latent positions: 'coconut: true', or pause as thought (coconut, cot and no_cot "
+               "false); not cot, no_cot or no_thoughts")
         _check(not self.no_thoughts or self.coconut, ["no_thoughts", "coconut"],
                "key 'no_thoughts' is an ablation of the curriculum and needs 'coconut: true'")
         _check(self.curriculum or not (self.cot or self.no_cot), ["curriculum", "cot", "no_cot"],

@@ -15,7 +15,8 @@ Rows, as config keys on top of --config (the original Coconut's flags; `curricul
     Pause as thought   coconut: false                the curriculum's layout; a thought is a learned <|latent|> token
 
 and, with --rows, the options on the thought: coconut_norm (thought_norm: projection), coconut_step
-(thought_supervision: 1.0) and coconut_norm_step (both), each plain Coconut's recipe with the option added.
+(thought_supervision: 1.0) and coconut_norm_step (both), each plain Coconut's recipe with the option added, and
+pause_step (pause as thought with step supervision: the same signal without feedback between positions).
 
 As in the paper (and the original repository's recipe: train CoT, then set its checkpoint as Coconut's
 load_model_path with `resume` skipping stage 0), every row but No-CoT starts from a CoT model: per seed, a run
@@ -64,6 +65,8 @@ OPTION_ROWS = [
     ("coconut_step", "Coconut + step supervision", ["coconut=true", "thought_supervision=1.0"]),
     ("coconut_norm_step", "Coconut + norm + step sup.", ["coconut=true", "thought_norm=projection",
                                                          "thought_supervision=1.0"]),
+    # the control for step supervision: the same extra signal on pause tokens, which give no feedback (no serial depth)
+    ("pause_step", "Pause + step supervision", ["coconut=false", "thought_supervision=1.0"]),
 ]
 # The table's setting on the built-in set: the demo's model and data, 1,600 questions, 3 epochs (300 steps) of CoT
 # warm-up, then one epoch per stage up to stage 4 (every step a thought): 400 steps per row after the warm-up.
@@ -107,11 +110,11 @@ def run_overrides(out: Path, cfg: Config, row: list[str], seed: int, base: list[
         d, hops = out / "data", hops_of(cfg)
         data = [f"train_path={builtin_path(d, 'train', hops)}", f"val_path={builtin_path(d, 'val', hops)}",
                 f"image_root={d}"]
-    # Options on the thought shape continuous thoughts only: the rows without them (No-CoT, CoT, pause) drop them, and
-    # step supervision (which trains what is fed at a thought) w/o thought too, so a base config may set them.
+    # Options on the thought, so that a base config may set them: the rows without continuous thoughts (No-CoT, CoT,
+    # pause) drop thought_norm, and those without latent positions (No-CoT, CoT, w/o thought) step supervision.
     if "coconut=false" in row:
         data += ["thought_norm=none"]
-    if "coconut=false" in row or "no_thoughts=true" in row:
+    if {"cot=true", "no_cot=true", "no_thoughts=true"} & set(row):
         data += ["thought_supervision=0"]
     return [*base, *data, *row, f"seed={seed}", f"save_path={out / 'runs'}"]
 

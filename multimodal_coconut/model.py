@@ -291,7 +291,12 @@ class MultimodalCoconut(nn.Module):
         embeds = self.embed(input_ids, pixel_values)
         bounds, n_latents = self._pass_bounds(input_ids, min_passes)
         hidden, fed, _ = self._run(embeds, attention_mask, position_ids, bounds, n_latents, thought_hook=thought_hook)
-        step_loss = None if step_ids is None else self.step_loss(input_ids, fed, step_ids, step_columns)
+        step_loss = None
+        if step_ids is not None:
+            # Coconut writes a step from the thought fed at its latent column. Pause as thought feeds a learned token
+            # there, so it writes the step from what Coconut would feed: the last hidden state of the column before.
+            writers = fed if self.continuous_thoughts else F.pad(hidden[:, :-1], (0, 0, 1, 0))
+            step_loss = self.step_loss(input_ids, writers, step_ids, step_columns)
 
         if labels is None:
             return CoconutOutput(loss=None, logits=self.lm_head(hidden), inputs_embeds=fed, step_loss=step_loss)
@@ -312,15 +317,13 @@ class MultimodalCoconut(nn.Module):
         """SIM-CoT's step supervision (config thought_supervision) with this model's own decoder and LM head.
 
         Every (row, step) pair with `step_columns[b, s] >= 0` becomes one sequence [thought, step tokens], where the
-        thought is exactly what was fed at column step_columns[b, s] of `fed` (the forward's (B, T, C) fed embeddings,
-        gradients flowing into it), at positions 0..; the loss is the cross-entropy of each step token predicted from
+        thought is exactly the vector at column step_columns[b, s] of `fed` (B, T, C) (the forward's fed embeddings;
+        for pause as thought the last hidden states shifted one column right; gradients flowing into it), at
+        positions 0..; the loss is the cross-entropy of each step token predicted from
         the positions before it (the thought predicts the first), averaged over all step tokens of the batch.
         `step_ids` (B, S, L): token ids, -100 after a step's end. One decoder call for the whole batch, and one even
         when no pair has a step (a zero-weighted call: under FSDP every rank makes the same number of calls).
         """
-        if not self.continuous_thoughts:
-            raise ValueError("step supervision trains continuous thoughts; this model feeds <|latent|> embeddings "
-                             "(continuous_thoughts=False)")
         rows, slots = torch.nonzero(step_columns >= 0, as_tuple=True)  # (N,) pairs with a step
         cols = step_columns[rows, slots]
         if not bool((input_ids[rows, cols] == self.latent_token_id).all()):

@@ -176,6 +176,36 @@ def test_step_loss_equals_a_naive_recompute(backbone, c_thought, variant, reques
         assert step["base_model.model.vision_tower.embeddings.patch_embeddings.projection.weight"].abs().sum() > 0
 
 
+@pytest.mark.parametrize("backbone", ["tiny", "tiny_lm"])
+def test_pause_writes_each_step_from_the_hidden_state_before_its_latent(backbone, request, prosqa_samples):
+    """Pause as thought (coconut false) feeds its <|latent|> embedding; its step j is written from the last hidden
+    state of the column before the step's latent (what Coconut would feed there): one plain pass, then the same
+    reference as Coconut's, loss and gradients."""
+    bb = request.getfixturevalue(backbone)
+    samples, plan = (request.getfixturevalue("aokvqa_samples"), IMAGE_PLAN) if bb.is_multimodal \
+        else (prosqa_samples, TEXT_PLAN)
+    model = MultimodalCoconut(bb.model, bb.latent_id, bb.start_latent_id, bb.end_latent_id, bb.eos_token_id,
+                              continuous_thoughts=False).eval()
+    mode = Mode(c_thought=1, max_latent_stage=2, pad_latent_to_max=True, step_targets=True)  # pause: no mode flag
+    features = mixed_items(CoconutDataset(samples, bb, mode, 1, train=True, max_length=4096, seed=0, epoch=0), plan)
+    batch = Collator(bb)(features)
+    out = model(*model_args(batch), step_ids=batch["step_ids"], step_columns=batch["step_columns"])
+    embeds = model.embed(batch["input_ids"], batch["pixel_values"])  # the plain backbone: one pass, nothing fed back
+    hidden = model.decoder(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                           position_ids=batch["position_ids"]).last_hidden_state
+    before = torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], dim=1)  # column c: the state of c - 1
+    ref_step, n_tokens = reference_step_loss(model, features, batch["input_ids"], before, 1)
+    assert n_tokens == (batch["step_ids"] != -100).sum() > 10
+    assert torch.isfinite(out.step_loss) and out.step_loss.item() > 1.0
+    torch.testing.assert_close(out.step_loss, ref_step, atol=1e-5, rtol=1e-5)
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    ours = dict(zip(names, torch.autograd.grad(out.step_loss, params, allow_unused=True)))
+    ref = dict(zip(names, torch.autograd.grad(ref_step, params, allow_unused=True)))
+    assert_same_grads({n: g for n, g in ours.items() if g is not None}, {n: g for n, g in ref.items() if g is not None})
+    # a step after the first is written from the state at the previous latent, so the pause embedding learns from it
+    assert ours[next(n for n in names if n.endswith("embed_tokens.weight"))][bb.latent_id].abs().max() > 0
+
+
 @pytest.mark.parametrize("c_thought", [1, 2])
 def test_gradients_reach_exactly_the_thoughts_up_to_each_rows_last_supervised_one(tiny_lm, prosqa_samples, c_thought):
     model = wrap(tiny_lm)
@@ -226,9 +256,9 @@ def test_step_columns_must_point_at_thoughts(tiny_lm, prosqa_samples):
     with pytest.raises(ValueError, match="hold no <\\|latent\\|>"):
         model(*model_args(batch), step_ids=batch["step_ids"], step_columns=batch["step_columns"] - 1)
     pause = MultimodalCoconut(tiny_lm.model, tiny_lm.latent_id, tiny_lm.start_latent_id, tiny_lm.end_latent_id,
-                              tiny_lm.eos_token_id, continuous_thoughts=False)
-    with pytest.raises(ValueError, match="continuous_thoughts=False"):
-        pause(*model_args(batch), step_ids=batch["step_ids"], step_columns=batch["step_columns"])
+                              tiny_lm.eos_token_id, continuous_thoughts=False)  # pause as thought: the same rule
+    with pytest.raises(ValueError, match="hold no <\\|latent\\|>"):
+        pause(*model_args(batch), step_ids=batch["step_ids"], step_columns=batch["step_columns"] - 1)
 
 
 # --- off: nothing changes ----------------------------------------------------------------------------------------
@@ -355,10 +385,11 @@ def test_the_step_loss_teaches_the_thoughts_their_steps(tiny_lm, prosqa_samples)
 def test_config_rules():
     assert Config(dataset="builtin").thought_supervision == 0.0
     assert "thought_supervision" not in RESUME_SAFE_KEYS
-    for bad in ({"thought_supervision": 0.5}, {"thought_supervision": 0.5, "coconut": True, "no_thoughts": True}):
-        with pytest.raises(ConfigError, match="'thought_supervision: 0.5'.*needs 'coconut: true'") as e:
-            Config(dataset="builtin", **bad)
+    for bad in ({"cot": True}, {"no_cot": True}, {"coconut": True, "no_thoughts": True}):
+        with pytest.raises(ConfigError, match="'thought_supervision: 0.5'.*needs latent positions") as e:
+            Config(dataset="builtin", thought_supervision=0.5, **bad)
         assert "thought_supervision" in e.value.keys
+    assert Config(dataset="builtin", thought_supervision=0.5).thought_supervision == 0.5  # pause as thought
     with pytest.raises(ConfigError, match="'thought_supervision' must be >= 0"):
         Config(dataset="builtin", coconut=True, thought_supervision=-1)
     cfg = load_config(PROSQA, ["thought_supervision=1"])

@@ -156,7 +156,8 @@ def test_only_eval_and_the_export_tool_use_the_trained_projection(projection_run
 
 def test_table_rows_without_continuous_thoughts_drop_the_options(tmp_path):
     """A base config with both options: the experiment runner keeps them on the rows that feed continuous thoughts
-    and drops them (so that the row's config is valid) on No-CoT, CoT, pause and (step supervision) w/o thought."""
+    and drops them where they have no meaning (the row's config stays valid): the norm on No-CoT, CoT and pause, step
+    supervision on No-CoT, CoT and w/o thought (pause writes its steps from the hidden states before its latents)."""
     from multimodal_coconut import experiments
     from multimodal_coconut.config import load_config
 
@@ -167,7 +168,7 @@ def test_table_rows_without_continuous_thoughts_drop_the_options(tmp_path):
     for key, _, row in experiments.ROWS + experiments.OPTION_ROWS:
         cfg = load_config(config, experiments.run_overrides(tmp_path, base_cfg, row, 0, base), check_paths=False)
         seen[key] = (cfg.thought_norm, cfg.thought_supervision)
-    assert seen == {"no_cot": ("none", 0), "cot": ("none", 0), "pause": ("none", 0),
+    assert seen == {"no_cot": ("none", 0), "cot": ("none", 0), "pause": ("none", 1.0), "pause_step": ("none", 1.0),
                     "no_thought": ("projection", 0), "coconut": ("projection", 1.0),
                     "no_curriculum": ("projection", 1.0), "coconut_norm": ("projection", 1.0),
                     "coconut_step": ("projection", 1.0), "coconut_norm_step": ("projection", 1.0)}
