@@ -9,6 +9,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
 T=${1:-runs/hops_text_table}
+# thought_norm projection + step supervision on seed 0 (its results.md is kept apart: the table below rewrites it)
+python -m multimodal_coconut.experiments --config args/hops_text.yaml --seeds 0 --cot-warmup 2 --jobs 2 \
+    --rows coconut coconut_step coconut_norm_step --out "$T"
+cp "$T/results.md" "$T/norm_step_seed0_results.md"
 python -m multimodal_coconut.experiments --config args/hops_text.yaml --seeds 0 1 2 --cot-warmup 2 --jobs 2 \
     --rows no_cot cot coconut no_thought pause coconut_step pause_step --out "$T"
 python scripts/thought_use_by_stage.py "$T" --rows coconut coconut_step
