@@ -99,12 +99,17 @@ def ablations(trained: Trained, samples, metrics, seed: int = 0) -> dict:
     return out
 
 
+def shuffled_accuracy(trained: Trained, samples) -> float:
+    """The headline accuracy with each question fed another question's thoughts (the `shuffle` ablation)."""
+    metric = metric_keys(trained.config.dataset)[0]
+    return evaluate_trained(trained, samples, thought_hook=ablation_hook("shuffle", trained.model))[metric]
+
+
 def thought_use(trained: Trained, samples) -> str:
     """One line a user can read: the headline accuracy with the thoughts intact and with each question fed another
     question's thoughts (shuffle), and what the difference means."""
     metric = metric_keys(trained.config.dataset)[0]
-    intact, shuffled = (evaluate_trained(trained, samples, thought_hook=ablation_hook(name, trained.model))[metric]
-                        for name in ("intact", "shuffle"))
+    intact, shuffled = evaluate_trained(trained, samples)[metric], shuffled_accuracy(trained, samples)
     if not trained.model.continuous_thoughts or trained.stage == 0:
         return f"{metric} {intact:.1f}%: this checkpoint feeds no continuous thoughts (stage {trained.stage})"
     gap = intact - shuffled

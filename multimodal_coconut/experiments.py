@@ -179,10 +179,9 @@ def evaluate_run(run_dir: Path, keys: list[str]) -> dict:
     # (analyze's `shuffle`); None for a run that feeds none (No-CoT, CoT, pause, w/o thought, stage 0).
     result["shuffled"] = None
     if trained.model.continuous_thoughts and not cfg.no_thoughts and trained.stage > 0:
-        from .analyze import ablation_hook
+        from .analyze import shuffled_accuracy
 
-        hook = ablation_hook("shuffle", trained.model)
-        result["shuffled"] = evaluate_trained(trained, samples, thought_hook=hook)[keys[0]]
+        result["shuffled"] = shuffled_accuracy(trained, samples)
     result.update(epoch=metrics[-1]["epoch"], stage=trained.stage,
                   train_s=round(sum(m.get("wall_time_s") or 0 for m in metrics), 1),
                   **{f"train_{k}": metrics[-1].get(k) for k in keys},

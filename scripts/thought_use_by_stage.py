@@ -17,7 +17,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from multimodal_coconut.analyze import _load, ablation_hook, metric_keys  # noqa: E402
+from multimodal_coconut.analyze import _load, metric_keys, shuffled_accuracy  # noqa: E402
 from multimodal_coconut.experiments import OPTION_ROWS, ROWS  # noqa: E402
 from multimodal_coconut.inference import evaluate_trained  # noqa: E402
 
@@ -40,8 +40,7 @@ def main(argv=None) -> int:
                 if trained.stage == 0:
                     continue
                 metric = metric_keys(trained.config.dataset)[0]
-                intact, shuffled = (evaluate_trained(trained, samples, thought_hook=ablation_hook(
-                    name, trained.model))[metric] for name in ("intact", "shuffle"))
+                intact, shuffled = evaluate_trained(trained, samples)[metric], shuffled_accuracy(trained, samples)
                 found.append({"row": key, "seed": seed, "epoch": int(ckpt.name.split("_")[1]),
                               "stage": trained.stage, "metric": metric, "intact": intact, "shuffled": shuffled})
                 print(found[-1], flush=True)
