@@ -132,7 +132,7 @@ def finished(run_dir: Path, num_epochs: int) -> bool:
 def train_runs(jobs: list[tuple[str, Path, list[str]]], config: str, parallel: int) -> None:
     """Train the unfinished runs, `parallel` child processes at a time (one torch thread each when more than one)."""
     env = dict(os.environ)
-    if parallel > 1:
+    if min(parallel, len(jobs)) > 1:  # a lone run (e.g. a single seed's warm-up) keeps every core
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     pending, running = list(jobs), []
     while pending or running:

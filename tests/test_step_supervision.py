@@ -416,13 +416,13 @@ def test_a_run_logs_the_step_loss_beside_the_answer_loss(tmp_path, monkeypatch, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_equal_one_with_the_option(strategy, tmp_path):
+@pytest.mark.parametrize("strategy,coconut", [("ddp", "true"), ("fsdp", "true"), ("fsdp", "false")])
+def test_two_processes_equal_one_with_the_option(strategy, coconut, tmp_path):
     """torchrun, 2 CPU processes (gloo) with batch 2 each = one process with batch 4, with the step loss on: the step
     tokens' global mean is taken across ranks as the answer's is. uniform_prob draws stage-0 samples into later
     stages, so that a rank's batch may have no step to supervise while the other's has (FSDP: both still make the
-    step call)."""
-    common = [*RUN[1:], "num_epochs=3", "uniform_prob=0.5", f"distributed={strategy}"]
+    step call). coconut=false: pause as thought, whose steps are written from the states before its latent tokens."""
+    common = [*RUN[1:], "num_epochs=3", "uniform_prob=0.5", f"distributed={strategy}", f"coconut={coconut}"]
     assert main([str(PROSQA), *common, "batch_size_training=4", f"save_path={tmp_path / 'one'}"]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
