@@ -20,6 +20,8 @@ attention_layers, attention_image}.png (each where it applies):
 * accuracy against the number of thoughts (the paper's Figure 3): the prompt built at stage s = 0 .. max_latent_stage
   (s * c_thought latents; at stage 0 the model writes its chain) instead of the checkpoint's stage. Below the
   checkpoint's stage the model has steps to write: it gets max_new_tokens plus the longest of those extra steps.
+  On data with step_nodes (the hops task), also the share of answers that are the node of step s (1-based), the
+  node s thoughts stand for: a model that answers there from s thoughts has taken one hop per thought.
 * decoding (the paper's Figure 4 reading): each thought's top-k tokens under the LM head, and on the built-in set
   the share of thoughts whose top-k holds a key word of the step the thought replaced (the colour / shape words
   that step adds: "The object is a red circle." -> red, circle; "After red comes green." -> green).
@@ -43,6 +45,7 @@ from pathlib import Path
 import torch
 
 from .curriculum import default_max_new_tokens
+from .evaluate import normalize_answer
 from .inference import (Trained, decode_thoughts, evaluate_trained, load_trained, model_device, prompt_loader,
                         prompt_set, thought_attention, thought_vectors)
 from .probe import probe, probe_picture, probe_report
@@ -50,7 +53,7 @@ from .probe import probe, probe_picture, probe_report
 ABLATIONS = ("intact", "zero", "noise", "shuffle", "pause")
 PER_THOUGHT = ("zero", "shuffle", "pause")
 LABELS = {"mc_accuracy": "MC acc. (%)", "da_accuracy": "DA acc. (%)", "accuracy": "accuracy (%)",
-          "cot_accuracy": "CoT match (%)"}
+          "cot_accuracy": "CoT match (%)", "answers_reached_node": "answers the thoughts' node (%)"}
 
 
 def metric_keys(dataset: str) -> tuple[str, ...]:
@@ -158,9 +161,24 @@ def thought_curve(trained: Trained, samples, metrics) -> dict:
                                  config=dataclasses.replace(trained.config, max_new_tokens=budget))
         ev = evaluate_trained(at, samples)
         extra = {"cot_accuracy": ev["cot_accuracy"]} if "cot_accuracy" in ev else {}
+        reached = reached_node_share(samples, ev["answers"], stage)
+        if reached is not None:
+            extra["answers_reached_node"] = reached
         points.append({"stage": stage, "thoughts": ev["thoughts"], **_row(ev, metrics), **extra,
                        "max_new_tokens": budget, "checkpoint": stage == own})
     return {"checkpoint_stage": own, "points": points}
+
+
+def reached_node_share(samples, answers: dict[str, str], stage: int) -> float | None:
+    """% of the questions with step_nodes (and at least `stage` steps) whose answer is the node of step stage - 1:
+    the node the stage's thoughts stand for. At the last step it is the answer; below, a model whose thoughts each
+    take one hop, given fewer of them, answers where they got to. None at stage 0 or without step_nodes."""
+    pairs = [(answers.get(s.question_id, ""), s.step_nodes[stage - 1]) for s in samples
+             if stage >= 1 and getattr(s, "step_nodes", None) and len(s.step_nodes) >= stage]
+    if not pairs:
+        return None
+    hits = sum(normalize_answer(answer) == normalize_answer(node) for answer, node in pairs)
+    return round(100 * hits / len(pairs), 2)
 
 
 # -- decoding ---------------------------------------------------------------------------------------------------
@@ -339,6 +357,9 @@ def _pictures(result: dict, trained: Trained, samples, out: Path, norm_values: d
         stages = [p["stage"] for p in points]
         for key in metrics:
             ax.plot(stages, [p[key] or 0 for p in points], marker="o", label=LABELS[key])
+        reached = [(p["stage"], p["answers_reached_node"]) for p in points if "answers_reached_node" in p]
+        if reached:
+            ax.plot(*zip(*reached), marker="x", linestyle=":", label=LABELS["answers_reached_node"])
         own = [p for p in points if p["checkpoint"]]
         if own:
             ax.axvline(own[0]["stage"], color="grey", linestyle=":", linewidth=1, label="checkpoint's stage")
@@ -444,13 +465,13 @@ def _markdown(result: dict) -> str:
     if "skipped" in curve:
         lines.append(f"Skipped: {curve['skipped']}.")
     else:
-        extra = ["cot_accuracy"] if any("cot_accuracy" in p for p in curve["points"]) else []
+        extra = [k for k in ("cot_accuracy", "answers_reached_node") if any(k in p for p in curve["points"])]
         lines += [f"| stage | latents per question | {' | '.join(LABELS[k] for k in metrics + extra)} | written "
                   "tokens | max_new_tokens |", "|---" * (len(metrics) + len(extra) + 4) + "|"]
         for p in curve["points"]:
             own = " (checkpoint)" if p["checkpoint"] else ""
             lines.append(f"| {p['stage']}{own} | {fmt(p['thoughts'], 2)} | "
-                         + " | ".join(fmt(p[k]) for k in metrics + extra)
+                         + " | ".join(fmt(p.get(k)) for k in metrics + extra)
                          + f" | {fmt(p['written_tokens'])} | {p['max_new_tokens']} |")
 
     d = result["decoding"]

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from multimodal_coconut import MultimodalCoconut
-from multimodal_coconut.analyze import ablation_hook, analyze_trained, index_hook, main, thought_curve
+from multimodal_coconut.analyze import (ablation_hook, analyze_trained, index_hook, main, reached_node_share,
+                                       thought_curve)
 from multimodal_coconut.cli import main as run_main
 from multimodal_coconut.config import Config
 from multimodal_coconut.data import load_samples
@@ -109,6 +110,23 @@ def test_curve_at_the_checkpoints_stage_is_intact_and_other_stages_differ(text_t
     own = [p for p in curve["points"] if p["checkpoint"]]
     assert [p["stage"] for p in own] == [2] and own[0]["accuracy"] == 100 and own[0]["thoughts"] == 2
     assert min(p["accuracy"] for p in curve["points"]) < 100  # fewer thoughts change some answer
+
+
+def test_reached_node_share_scores_the_node_the_stages_thoughts_stand_for():
+    """Stage s's answers against step_nodes[s - 1], as normalize_answer matches words; questions with fewer than s
+    steps, or without step_nodes, are left out; stage 0 (no thought) and data without nodes give None."""
+    class S:
+        def __init__(self, qid, nodes):
+            self.question_id, self.step_nodes = qid, nodes
+
+    samples = [S("a", ["red", "blue", "green"]), S("b", ["blue", "red", "pink"]), S("c", ["red"]), S("d", None)]
+    answers = {"a": "Blue.", "b": "red", "c": "red", "d": "blue"}
+    assert reached_node_share(samples, answers, 0) is None
+    assert reached_node_share(samples, answers, 1) == 33.33  # a: blue != red; b: red != blue; c: hit
+    assert reached_node_share(samples, answers, 2) == 100.0  # a and b; c has one step
+    assert reached_node_share(samples, {"a": "green"}, 3) == 50.0  # b has no answer: a miss
+    assert reached_node_share(samples, answers, 4) is None
+    assert reached_node_share([S("d", None)], answers, 1) is None
 
 
 # --- per-thought ablations ----------------------------------------------------------------------------------------
@@ -259,6 +277,7 @@ def test_multimodal_analysis_with_step_nodes(tiny, builtin_val, tmp_path):
     assert result["ablations_per_thought"] == {"skipped": "--no-per-thought"}
     points = result["thought_curve"]["points"]
     assert [p["thoughts"] for p in points] == [0, 1, 1.5]
+    assert "answers_reached_node" not in points[0] and all(0 <= p["answers_reached_node"] <= 100 for p in points[1:])
     assert {k: points[2][k] for k in ("mc_accuracy", "da_accuracy", "written_tokens")} == \
         result["ablations"]["intact"]
     assert len(result["attention"]["image_share"]) == 2
