@@ -290,9 +290,12 @@ def question_sample(image: str | Path | None, question: str, choices: list[str] 
 
 def needs_image(trained: Trained) -> bool:
     """Whether every question to this model comes with an image: a vision-language model trained on A-OKVQA or the
-    built-in set, whose questions all have one. A text-only model takes none; a model trained on the jsonl format
-    (where a row may have no image) takes either."""
-    return trained.backbone.is_multimodal and trained.config.dataset != "jsonl"
+    built-in set with images (shapes, hops), whose questions all have one. A text-only model takes none; a model
+    trained on the jsonl format (where a row may have no image) takes either, as does a vision-language model trained
+    on text alone (the original Coconut's format, dataset coconut, or the built-in hops_text)."""
+    cfg = trained.config
+    text_only = cfg.dataset in ("coconut", "jsonl") or (cfg.dataset == "builtin" and cfg.builtin_task == "hops_text")
+    return trained.backbone.is_multimodal and not text_only
 
 
 def check_images(trained: Trained, samples: list[Sample]) -> None:

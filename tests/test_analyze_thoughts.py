@@ -303,3 +303,23 @@ def test_thought_use_line_reports_intact_and_shuffled_accuracy(text_trained, tex
                            f"{shuffled['accuracy']:.1f}% (a gap of {100 - shuffled['accuracy']:+.1f} points): ")
     assert main([str(text_run), "--data", str(text_val), "--thought-use"]) == 0
     assert "with the thoughts intact" in capsys.readouterr().out
+
+
+def test_chain_accuracy_counts_the_written_lines_right_through_each_step():
+    """scripts/chain_accuracy.py: question q is right through step i when its first i written lines are its first i
+    steps (stripped); a question with fewer steps counts once all of its are right."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("chain_accuracy", ROOT / "scripts" / "chain_accuracy.py")
+    chain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chain)
+
+    class S:
+        def __init__(self, qid, steps):
+            self.question_id, self.steps = qid, steps
+
+    samples = [S("a", ["object>red.", "red>blue.", "blue>pink."]), S("b", ["object>red.", "red>blue.", "blue>pink."]),
+               S("c", ["object>red.", "red>blue.", "blue>pink."]), S("d", ["x>y."])]
+    generated = {"a": "object>red.\nred>blue.\nblue>pink.\n### pink", "b": "object>red.\n red>blue. \nblue>red.\n### red",
+                 "c": "object>green.\ngreen>red.\nred>blue.\n### blue", "d": "x>y.\n### y"}
+    assert chain.chain_right_through(samples, generated) == [75.0, 75.0, 50.0]

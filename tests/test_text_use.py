@@ -10,6 +10,7 @@ import pytest
 
 from multimodal_coconut import ask, experiments, predict
 from multimodal_coconut.cli import main
+from multimodal_coconut.config import Config
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -185,3 +186,24 @@ def test_experiment_table_on_a_coconut_config_reports_its_accuracies(tmp_path):
             accuracy, cot = line.split(" | ")[2:4]
             assert "±" in accuracy and "±" in cot, line  # numbers, not "-"
     assert (out / "results.png").stat().st_size > 0
+
+
+def test_only_models_trained_on_images_need_one():
+    """needs_image: a vision-language model trained on A-OKVQA or the built-in set with images needs one per question;
+    trained on text alone (dataset coconut, the built-in hops_text) or on jsonl it takes either; a text LM none."""
+    from types import SimpleNamespace
+
+    from multimodal_coconut.inference import Trained, needs_image
+
+    def model(multimodal, **cfg):
+        config = Config(**cfg, train_path="t.json", val_path="v.json")
+        return Trained(model=None, backbone=SimpleNamespace(is_multimodal=multimodal), config=config, stage=0,
+                       path=Path("m"))
+
+    assert needs_image(model(True, dataset="builtin"))
+    assert needs_image(model(True, dataset="builtin", builtin_task="hops"))
+    assert needs_image(model(True, dataset="aokvqa", image_root="coco"))
+    assert not needs_image(model(True, dataset="builtin", builtin_task="hops_text"))
+    assert not needs_image(model(True, dataset="coconut"))
+    assert not needs_image(model(True, dataset="jsonl"))
+    assert not needs_image(model(False, dataset="coconut"))
