@@ -41,11 +41,14 @@ DIR/results.png (accuracy per epoch for each row, accuracy against generated tok
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -130,26 +133,72 @@ def finished(run_dir: Path, num_epochs: int) -> bool:
 
 
 def train_runs(jobs: list[tuple[str, Path, list[str]]], config: str, parallel: int) -> None:
-    """Train the unfinished runs, `parallel` child processes at a time (one torch thread each when more than one)."""
+    """Train the unfinished runs, `parallel` child processes at a time (one torch thread each when more than one).
+    However this stops (a run failed, Ctrl-C, SIGTERM: `main` makes it an exit), the runs still training are stopped
+    with it, never left training unwatched; each resumes from its newest checkpoint on the next call."""
     env = dict(os.environ)
     if min(parallel, len(jobs)) > 1:  # a lone run (e.g. a single seed's warm-up) keeps every core
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     pending, running = list(jobs), []
+    try:
+        _train(pending, running, config, env, parallel)
+    finally:
+        for name, _, proc, log in running:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+                print(f"stopped {name}", flush=True)
+            log.close()
+
+
+_STOP = {"starting": False, "asked": False}  # SIGTERM is held back while a run is being started (see sigterm_exits)
+
+
+def _on_sigterm(signum, frame):
+    if _STOP["starting"]:
+        _STOP["asked"] = True
+    else:
+        sys.exit(128 + signum)
+
+
+@contextlib.contextmanager
+def sigterm_exits():
+    """SIGTERM (kill, a scheduler's stop) raised as SystemExit while in this block, so that `train_runs` stops its
+    runs on the way out; one that comes while a run is being started is raised once it is in the list of runs, so
+    that none escapes. Only the main thread can take signals: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, _on_sigterm)
+    _STOP.update(starting=False, asked=False)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _train(pending: list, running: list, config: str, env: dict, parallel: int) -> None:
     while pending or running:
         while pending and len(running) < parallel:
             name, run_dir, overrides = pending.pop(0)
             run_dir.mkdir(parents=True, exist_ok=True)
             log = open(run_dir / "train.log", "a")
             print(f"training {name}", flush=True)
-            proc = subprocess.Popen([sys.executable, "-c", RUN_CODE, config, *overrides], stdout=log,
-                                    stderr=subprocess.STDOUT, env=env)
-            running.append((name, run_dir, proc, log))
+            _STOP["starting"] = True
+            try:
+                proc = subprocess.Popen([sys.executable, "-c", RUN_CODE, config, *overrides], stdout=log,
+                                        stderr=subprocess.STDOUT, env=env)
+                running.append((name, run_dir, proc, log))
+            finally:
+                _STOP["starting"] = False
+            if _STOP["asked"]:
+                sys.exit(128 + signal.SIGTERM)
         time.sleep(1)
         for item in list(running):
             name, run_dir, proc, log = item
             if proc.poll() is not None:
-                log.close()
                 running.remove(item)
+                log.close()
                 if proc.returncode != 0:
                     tail = (run_dir / "train.log").read_text()[-2000:]
                     raise RuntimeError(f"run {name} failed (exit {proc.returncode}); end of {run_dir}/train.log:\n{tail}")
@@ -309,8 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         if not dirs:
             raise SystemExit("--report-only: no finished run")
     else:
-        train_runs(first, args.config, args.jobs)
-        train_runs(then, args.config, args.jobs)
+        with sigterm_exits():
+            train_runs(first, args.config, args.jobs)
+            train_runs(then, args.config, args.jobs)
 
     metrics = metrics_of("coconut" if cfg.builtin_task == "hops_text" and cfg.dataset == "builtin" else cfg.dataset)
     runs: dict[str, dict[int, dict]] = {}
