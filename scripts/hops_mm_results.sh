@@ -1,22 +1,34 @@
 #!/usr/bin/env bash
-# The multimodal hops task's results in docs/results.md ("The hops task with an image"): the start node is the colour
-# of the object in the image, then hops_k=2 arrows in the question (args/hops.yaml), on the tiny InternVL, with the
-# text variant's recipe: 16,000 questions, 2 epochs of CoT, then one epoch per stage. Seed 0 only (a row takes
-# 25-50 minutes on 2 CPU cores); the runner reuses finished runs and resumes unfinished ones, so this can be stopped
-# and started again, and more seeds added with --seeds.
+# The multimodal hops task's CoT warm-up (docs/results.md, "The multimodal variant: CoT does not learn the lookups"):
+# args/hops.yaml (the start is the colour of the object in the image, then hops_k=2 arrows) with the text variant's
+# data size, 16,000 questions, CoT on the tiny InternVL for seeds 0 (6 epochs), 1 (2) and 2 (1), how far each
+# checkpoint's chain stays right, and for comparison the same tiny preset's language model trained on the text variant
+# (1 epoch, seeds 0 and 1). About 100 minutes on 2 CPU cores; a finished run is left as it is, an unfinished one
+# resumes. The table's rows (Coconut and the others from these warm-ups) were not run: nothing to start them from.
 #
 #   bash scripts/hops_mm_results.sh [OUT]        # default OUT: runs/hops_table
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
 T=${1:-runs/hops_table}
-run() { python -m multimodal_coconut.experiments --config args/hops.yaml --seeds 0 --cot-warmup 2 --jobs 2 \
-    --set builtin_train_size=16000 --out "$T" "$@"; }
-run --rows coconut coconut_step          # the warm-up alone (every core), then these two side by side
-run --rows no_cot pause_step             # is the task's depth needed; step supervision without feedback
-python scripts/thought_use_by_stage.py "$T" --rows coconut coconut_step
-for r in coconut coconut_step; do
-    python -m multimodal_coconut.analyze "$T/runs/${r}_seed0" --data "$T/data/aokvqa_v1p0_val.json" \
-        --image-root "$T/data" --out "$T/analysis/${r}_seed0"
+D=$T/data
+cot() {  # seed epochs
+    python run.py args/hops.yaml coconut=false cot=true builtin_train_size=16000 seed="$1" num_epochs="$2" \
+        name="cot_warmup_seed$1" save_path="$T/runs" train_path="$D/aokvqa_v1p0_train.json" \
+        val_path="$D/aokvqa_v1p0_val.json" image_root="$D"
+    for c in "$T/runs/cot_warmup_seed$1"/checkpoint_*; do
+        python scripts/chain_accuracy.py "$c" --data "$D/aokvqa_v1p0_val.json" | tee -a "$T/chain_accuracy.jsonl"
+    done
+}
+cot 0 6
+cot 1 2
+cot 2 1
+# the tiny InternVL's language model on the text variant (args/hops_text.yaml's data: k=3, 16,000 questions)
+D=$T/data_text
+for s in 0 1; do
+    python run.py args/hops_text.yaml model_id=tiny coconut=false cot=true num_epochs=1 seed="$s" \
+        name="tiny_on_hops_text_seed$s" save_path="$T/runs" train_path="$D/hops_text_train.json" \
+        val_path="$D/hops_text_val.json"
+    python scripts/chain_accuracy.py "$T/runs/tiny_on_hops_text_seed$s/checkpoint_1" --data "$D/hops_text_val.json" \
+        | tee -a "$T/chain_accuracy.jsonl"
 done
-run --rows no_cot cot coconut no_thought pause coconut_step pause_step   # the rest of the table, and the table
