@@ -26,7 +26,7 @@ from the backbone for as many epochs in all (warm-up + the rest). --cot-warmup 0
 
 Each run is run.py's code path in a child process (`cli.main`), in DIR/runs/{row}_seed{S}/, logging to train.log
 there. A run whose metrics.jsonl holds all its epochs is reused; an unfinished one resumes from its newest
-checkpoint. Each finished run's newest checkpoint is then answered once more by `inference.evaluate_trained` (the
+checkpoint. Stopping the runner (Ctrl-C, SIGTERM, a run that fails) stops the runs it is training. Each finished run's newest checkpoint is then answered once more by `inference.evaluate_trained` (the
 code training's evaluation runs) to count what it generates and time it; that is cached in eval.json beside it.
 On the built-in set the data is generated once into DIR/data, so every row and seed reads the same files.
 
