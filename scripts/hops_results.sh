@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The hops task's results in docs/results.md ("The hops task"), from scratch: the table (3 seeds; every row but No-CoT
 # starts from 2 epochs of CoT, then one epoch per stage), whether each checkpoint's answers need its thoughts, the
-# analysis of the Coconut checkpoints, and one longer schedule. About 90 minutes on 2 CPU cores; the table's finished
-# runs are reused and unfinished ones resume, so it can be stopped and started again.
+# analysis of the Coconut checkpoints, and the step-supervised row with 2 epochs per stage. About 2.5 hours on 2 CPU
+# cores; finished runs are reused and unfinished ones resume, so it can be stopped and started again.
 #
 #   bash scripts/hops_results.sh [OUT]        # default OUT: runs/hops_text_table
 set -euo pipefail
@@ -19,7 +19,13 @@ python scripts/thought_use_by_stage.py "$T" --rows coconut coconut_step
 for run in coconut_seed0 coconut_step_seed0 coconut_step_seed1 coconut_step_seed2; do
     python -m multimodal_coconut.analyze "$T/runs/$run" --data "$T/data/hops_text_val.json" --out "$T/analysis/$run"
 done
-# The schedule: step supervision with 2 epochs per stage instead of 1, on seed 1 (one epoch per stage failed there)
-python run.py args/hops_text.yaml thought_supervision=1.0 epochs_per_stage=2 num_epochs=8 resume=2 seed=1 \
-    load_model_path="$T/runs/cot_warmup_seed1/checkpoint_2" train_path="$T/data/hops_text_train.json" \
-    val_path="$T/data/hops_text_val.json" save_path=runs/hops_text_schedule name=coconut_step_eps2_seed1
+# The schedule: step supervision with 2 epochs per stage instead of 1, on all 3 seeds (2 epochs of CoT, then stages
+# 1-3 at 2 epochs each; its own folder, so its own warm-ups), whether its answers need the thoughts, and its analyses
+E=runs/hops_text_eps2
+python -m multimodal_coconut.experiments --config args/hops_text.yaml --seeds 0 1 2 --cot-warmup 2 --jobs 2 \
+    --set epochs_per_stage=2 num_epochs=8 --rows coconut_step --out "$E"
+python scripts/thought_use_by_stage.py "$E" --rows coconut_step
+for s in 0 1 2; do
+    python -m multimodal_coconut.analyze "$E/runs/coconut_step_seed$s" --data "$E/data/hops_text_val.json" \
+        --out "$E/analysis/coconut_step_seed$s"
+done
