@@ -151,30 +151,32 @@ def train_runs(jobs: list[tuple[str, Path, list[str]]], config: str, parallel: i
             log.close()
 
 
-_STOP = {"starting": False, "asked": False}  # SIGTERM is held back while a run is being started (see sigterm_exits)
+_STOP = {"asked": False}  # set by SIGTERM within sigterm_exits; _train exits at its next check
 
 
 def _on_sigterm(signum, frame):
-    if _STOP["starting"]:
-        _STOP["asked"] = True
-    else:
-        sys.exit(128 + signum)
+    _STOP["asked"] = True
 
 
 @contextlib.contextmanager
 def sigterm_exits():
-    """SIGTERM (kill, a scheduler's stop) raised as SystemExit while in this block, so that `train_runs` stops its
-    runs on the way out; one that comes while a run is being started is raised once it is in the list of runs, so
-    that none escapes. Only the main thread can take signals: elsewhere this does nothing."""
+    """Within this block SIGTERM (kill, a scheduler's stop) makes `_train` exit (SystemExit 143) at its next check,
+    at most a second later and never between starting a run and listing it, so that `train_runs` stops every run on
+    the way out. Only the main thread can take signals: elsewhere this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     old = signal.signal(signal.SIGTERM, _on_sigterm)
-    _STOP.update(starting=False, asked=False)
+    _STOP["asked"] = False
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def _exit_if_asked() -> None:
+    if _STOP["asked"]:
+        sys.exit(128 + signal.SIGTERM)
 
 
 def _train(pending: list, running: list, config: str, env: dict, parallel: int) -> None:
@@ -184,16 +186,12 @@ def _train(pending: list, running: list, config: str, env: dict, parallel: int) 
             run_dir.mkdir(parents=True, exist_ok=True)
             log = open(run_dir / "train.log", "a")
             print(f"training {name}", flush=True)
-            _STOP["starting"] = True
-            try:
-                proc = subprocess.Popen([sys.executable, "-c", RUN_CODE, config, *overrides], stdout=log,
-                                        stderr=subprocess.STDOUT, env=env)
-                running.append((name, run_dir, proc, log))
-            finally:
-                _STOP["starting"] = False
-            if _STOP["asked"]:
-                sys.exit(128 + signal.SIGTERM)
+            proc = subprocess.Popen([sys.executable, "-c", RUN_CODE, config, *overrides], stdout=log,
+                                    stderr=subprocess.STDOUT, env=env)
+            running.append((name, run_dir, proc, log))
+            _exit_if_asked()
         time.sleep(1)
+        _exit_if_asked()
         for item in list(running):
             name, run_dir, proc, log = item
             if proc.poll() is not None:
