@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up and run the whole test suite, slow tests included (CPU, tiny models, about 8 minutes on 2 idle cores; CI runs
+# Set up and run the whole test suite, slow tests included (CPU, tiny models, 8-14 minutes on 2 idle cores; CI runs
 # this). Extra arguments go to pytest. Without --runslow, `pytest` alone skips the slow ones.
 set -euo pipefail
 cd "$(dirname "$0")/.."
