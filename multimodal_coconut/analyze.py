@@ -313,7 +313,7 @@ def attention_map(image_weights: torch.Tensor, tokens_per_tile: int, n_tiles: in
 
 def _save(fig, plt, out: Path, name: str, written: list[str]) -> None:
     fig.tight_layout()
-    fig.savefig(out / name, dpi=90)
+    fig.savefig(out / name, dpi=90, bbox_inches="tight")  # "tight" keeps a legend placed outside the axes
     plt.close(fig)
     written.append(name)
 
@@ -364,7 +364,7 @@ def _pictures(result: dict, trained: Trained, samples, out: Path, norm_values: d
         if own:
             ax.axvline(own[0]["stage"], color="grey", linestyle=":", linewidth=1, label="checkpoint's stage")
         ax.set(xlabel=f"thoughts (stage; {trained.mode.thoughts_per_step} latent(s) each)", ylabel="accuracy (%)",
-               ylim=(0, 100), title="accuracy against the number of thoughts")
+               ylim=(0, 104), title="accuracy against the number of thoughts")
         ax.xaxis.get_major_locator().set_params(integer=True)
         tokens = ax.twinx()
         tokens.plot(stages, [p["written_tokens"] for p in points], color="black", linestyle="--", marker=".",
@@ -372,7 +372,8 @@ def _pictures(result: dict, trained: Trained, samples, out: Path, norm_values: d
         tokens.set(ylabel="written tokens per question")
         handles = ax.get_legend_handles_labels()
         more = tokens.get_legend_handles_labels()
-        ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=7)
+        ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=7, ncol=2, loc="upper center",
+                  bbox_to_anchor=(0.5, -0.2))  # below the axes: inside, it covered points at 100%
         _save(fig, plt, out, "thought_curve.png", written)
 
     if "skipped" not in result["probe"]:

@@ -20,10 +20,11 @@ for run in coconut_seed0 coconut_step_seed0 coconut_step_seed1 coconut_step_seed
     python -m multimodal_coconut.analyze "$T/runs/$run" --data "$T/data/hops_text_val.json" --out "$T/analysis/$run"
 done
 # The schedule: step supervision with 2 epochs per stage instead of 1, on all 3 seeds (2 epochs of CoT, then stages
-# 1-3 at 2 epochs each; its own folder, so its own warm-ups), whether its answers need the thoughts, and its analyses
+# 1-3 at 2 epochs each; its own folder, so its own warm-ups) with its control (pause + step supervision), whether its
+# answers need the thoughts, and its analyses
 E=runs/hops_text_eps2
 python -m multimodal_coconut.experiments --config args/hops_text.yaml --seeds 0 1 2 --cot-warmup 2 --jobs 2 \
-    --set epochs_per_stage=2 num_epochs=8 --rows coconut_step --out "$E"
+    --set epochs_per_stage=2 num_epochs=8 --rows coconut_step pause_step --out "$E"
 python scripts/thought_use_by_stage.py "$E" --rows coconut_step
 for s in 0 1 2; do
     python -m multimodal_coconut.analyze "$E/runs/coconut_step_seed$s" --data "$E/data/hops_text_val.json" \
