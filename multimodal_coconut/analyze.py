@@ -373,7 +373,7 @@ def _pictures(result: dict, trained: Trained, samples, out: Path, norm_values: d
         handles = ax.get_legend_handles_labels()
         more = tokens.get_legend_handles_labels()
         ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=7, ncol=2, loc="upper center",
-                  bbox_to_anchor=(0.5, -0.2))  # below the axes: inside, it covered points at 100%
+                  bbox_to_anchor=(0.5, -0.3))  # below the axes: inside, it covered points at 100%
         _save(fig, plt, out, "thought_curve.png", written)
 
     if "skipped" not in result["probe"]:
