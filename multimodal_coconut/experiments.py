@@ -114,11 +114,14 @@ def run_overrides(out: Path, cfg: Config, row: list[str], seed: int, base: list[
         data = [f"train_path={builtin_path(d, 'train', hops)}", f"val_path={builtin_path(d, 'val', hops)}",
                 f"image_root={d}"]
     # Options on the thought, so that a base config may set them: the rows without continuous thoughts (No-CoT, CoT,
-    # pause) drop thought_norm, and those without latent positions (No-CoT, CoT, w/o thought) step supervision.
+    # pause) drop thought_norm, and those without latent positions (No-CoT, CoT, w/o thought) step supervision; CoT
+    # (the table's row and every warm-up) has no stages to mix, so it drops uniform_prob.
     if "coconut=false" in row:
         data += ["thought_norm=none"]
     if {"cot=true", "no_cot=true", "no_thoughts=true"} & set(row):
         data += ["thought_supervision=0"]
+    if "cot=true" in row:
+        data += ["uniform_prob=0"]
     return [*base, *data, *row, f"seed={seed}", f"save_path={out / 'runs'}"]
 
 

@@ -155,23 +155,27 @@ def test_only_eval_and_the_export_tool_use_the_trained_projection(projection_run
 
 
 def test_table_rows_without_continuous_thoughts_drop_the_options(tmp_path):
-    """A base config with both options: the experiment runner keeps them on the rows that feed continuous thoughts
-    and drops them where they have no meaning (the row's config stays valid): the norm on No-CoT, CoT and pause, step
-    supervision on No-CoT, CoT and w/o thought (pause writes its steps from the hidden states before its latents)."""
+    """A base config with both options and uniform_prob: the experiment runner keeps them on the rows that feed
+    continuous thoughts and drops them where they have no meaning (the row's config stays valid): the norm on No-CoT,
+    CoT and pause, step supervision on No-CoT, CoT and w/o thought (pause writes its steps from the hidden states
+    before its latents), uniform_prob on CoT and the warm-up (no stages to mix; the curriculum refuses it there)."""
     from multimodal_coconut import experiments
     from multimodal_coconut.config import load_config
+    from multimodal_coconut.curriculum import Mode
 
     config = ROOT / "args" / "hops_text.yaml"
     base_cfg = load_config(config, check_paths=False)
-    base = ["thought_norm=projection", "thought_supervision=1.0"]
+    base = ["thought_norm=projection", "thought_supervision=1.0", "uniform_prob=0.3"]
     seen = {}
-    for key, _, row in experiments.ROWS + experiments.OPTION_ROWS:
+    for key, _, row in [*experiments.ROWS, *experiments.OPTION_ROWS, ("warmup", "", experiments.WARMUP_ROW)]:
         cfg = load_config(config, experiments.run_overrides(tmp_path, base_cfg, row, 0, base), check_paths=False)
-        seen[key] = (cfg.thought_norm, cfg.thought_supervision)
-    assert seen == {"no_cot": ("none", 0), "cot": ("none", 0), "pause": ("none", 1.0), "pause_step": ("none", 1.0),
-                    "no_thought": ("projection", 0), "coconut": ("projection", 1.0),
-                    "no_curriculum": ("projection", 1.0), "coconut_norm": ("projection", 1.0),
-                    "coconut_step": ("projection", 1.0), "coconut_norm_step": ("projection", 1.0)}
+        Mode.from_config(cfg)  # the curriculum accepts it
+        seen[key] = (cfg.thought_norm, cfg.thought_supervision, cfg.uniform_prob)
+    assert seen == {"no_cot": ("none", 0, 0.3), "cot": ("none", 0, 0), "warmup": ("none", 0, 0),
+                    "pause": ("none", 1.0, 0.3), "pause_step": ("none", 1.0, 0.3),
+                    "no_thought": ("projection", 0, 0.3), "coconut": ("projection", 1.0, 0.3),
+                    "no_curriculum": ("projection", 1.0, 0.3), "coconut_norm": ("projection", 1.0, 0.3),
+                    "coconut_step": ("projection", 1.0, 0.3), "coconut_norm_step": ("projection", 1.0, 0.3)}
 
 
 def test_the_projection_trains_and_exports_beside_lora_adapters(tmp_path):
