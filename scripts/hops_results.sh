@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The hops task's results in docs/results.md ("The hops task"), from scratch: the table (3 seeds; every row but No-CoT
 # starts from 2 epochs of CoT, then one epoch per stage), whether each checkpoint's answers need its thoughts, the
-# analysis of the Coconut checkpoints, and the step-supervised row with 2 epochs per stage. About 2.5 hours on 2 CPU
-# cores; finished runs are reused and unfinished ones resume, so it can be stopped and started again.
+# analysis of the Coconut checkpoints, the step-supervised row with 2 epochs per stage, and every row with earlier
+# stages mixed in (uniform_prob 0.3). About 3.5 hours on 2 CPU cores; finished runs are reused and unfinished ones
+# resume, so it can be stopped and started again.
 #
 #   bash scripts/hops_results.sh [OUT]        # default OUT: runs/hops_text_table
 set -euo pipefail
@@ -29,4 +30,14 @@ python scripts/thought_use_by_stage.py "$E" --rows coconut_step
 for s in 0 1 2; do
     python -m multimodal_coconut.analyze "$E/runs/coconut_step_seed$s" --data "$E/data/hops_text_val.json" \
         --out "$E/analysis/coconut_step_seed$s"
+done
+# Mixing earlier stages: the table's budget (2 epochs of CoT, one epoch per stage) with uniform_prob=0.3 for every row
+# that has stages (docs/results.md used the 2-epoch folder's warm-ups, copied in: the same seeds and stage 0)
+M=runs/hops_text_uniform
+python -m multimodal_coconut.experiments --config args/hops_text.yaml --seeds 0 1 2 --cot-warmup 2 --jobs 2 \
+    --set uniform_prob=0.3 --rows coconut_step pause_step coconut pause no_thought --out "$M"
+python scripts/thought_use_by_stage.py "$M" --rows coconut_step
+for s in 0 1 2; do
+    python -m multimodal_coconut.analyze "$M/runs/coconut_step_seed$s" --data "$M/data/hops_text_val.json" \
+        --out "$M/analysis/coconut_step_seed$s"
 done
