@@ -26,7 +26,7 @@ attention_layers, attention_image}.png (each where it applies):
   the share of thoughts whose top-k holds a key word of the step the thought replaced (the colour / shape words
   that step adds: "The object is a red circle." -> red, circle; "After red comes green." -> green).
 * probe (samples with step_nodes, the hops task): does thought i decode to, and linearly encode, the node step i
-  arrives at (probe.py).
+  arrives at, and the node it starts from (probe.py).
 * norms: thought norms per thought index against the norms of the token embeddings (coconut issue #29 found
   thoughts far larger than tokens).
 * attention (multimodal checkpoints on questions with images): for each thought, the share of attention (mean over
@@ -377,7 +377,7 @@ def _pictures(result: dict, trained: Trained, samples, out: Path, norm_values: d
         _save(fig, plt, out, "thought_curve.png", written)
 
     if "skipped" not in result["probe"]:
-        fig, ax = plt.subplots(figsize=(6, 3.2))
+        fig, ax = plt.subplots(figsize=(8, 3.2))  # the legend sits beside the axes
         probe_picture(ax, result["probe"], result["decoding"]["k"])
         _save(fig, plt, out, "probe.png", written)
 

@@ -2,6 +2,9 @@
 
 A sample of the hops task carries `step_nodes[s]`, the node that step s (0-based) arrives at. Thought j (0-based)
 stands for step j // c_thought, the step it replaced in the curriculum, so it is compared with that step's node.
+Both probes are also run against the node the step starts from, the previous step's node (`previous`; none for
+a first step, whose start is in the question or the image): a thought may hold the pointer one hop behind, which
+is what the step loss asks of it when the step's text opens with that node (`red>blue.`).
 
 * decoding: how often the thought's top-1 / top-k tokens under the LM head (`inference.decode_thoughts`) are the
   node word. Tokens and node are compared stripped and lowercased. A node word the tokenizer splits into several
@@ -31,8 +34,9 @@ def node_targets(tokenizer, node: str) -> tuple[set[str], bool]:
     return {word, first}, True
 
 
-def thought_nodes(samples, n_thoughts: dict[int, int], c_thought: int) -> dict[int, list[str | None]]:
-    """{sample index: the node of each of its thoughts (None past its steps)} for the samples with step_nodes."""
+def thought_nodes(samples, n_thoughts: dict[int, int], c_thought: int, lag: int = 0) -> dict[int, list[str | None]]:
+    """{sample index: the node of each of its thoughts (None past its steps)} for the samples with step_nodes; with
+    `lag` 1 the node of the step before the thought's step (None for the first step)."""
     c = max(c_thought, 1)
     out = {}
     for idx, n in n_thoughts.items():
@@ -42,7 +46,8 @@ def thought_nodes(samples, n_thoughts: dict[int, int], c_thought: int) -> dict[i
             if len(nodes) != len(sample.steps):
                 raise ValueError(f"question_id {sample.question_id!r}: {len(nodes)} step_nodes for "
                                  f"{len(sample.steps)} steps (one node per step expected)")
-            out[idx] = [nodes[j // c] if j // c < len(nodes) else None for j in range(n)]
+            out[idx] = [nodes[j // c - lag] if 0 <= j // c - lag and j // c < len(nodes) else None
+                        for j in range(n)]
     return out
 
 
@@ -123,24 +128,30 @@ def probe(thoughts: dict[int, torch.Tensor], tops: dict[int, list[list[str]]], s
     {"skipped": reason} when no question has step_nodes or thoughts."""
     if not any(t.shape[0] for t in thoughts.values()):
         return {"skipped": "the checkpoint feeds no thoughts on this data"}
-    nodes = thought_nodes(samples, {i: t.shape[0] for i, t in thoughts.items()}, c_thought)
+    n_thoughts = {i: t.shape[0] for i, t in thoughts.items()}
+    nodes = thought_nodes(samples, n_thoughts, c_thought)
     if not nodes:
         return {"skipped": "no question of this data has step_nodes (the node each step arrives at, written by the "
                            "hops task), so there is nothing to compare the thoughts with"}
     fit, test = split_questions(list(nodes), seed)
-    linear = []
-    for j in range(max(len(v) for v in nodes.values())):
-        have = [i for i in sorted(nodes) if j < len(nodes[i]) and nodes[i][j] is not None]
-        f, t = [i for i in have if i in fit], [i for i in have if i in test]
-        if not f or not t:
-            linear.append({"thought": j + 1, "skipped": f"{len(f)} questions to fit and {len(t)} to score on"})
-            continue
-        scores = linear_probe(torch.stack([thoughts[i][j] for i in f]), [nodes[i][j] for i in f],
-                              torch.stack([thoughts[i][j] for i in t]), [nodes[i][j] for i in t], l2=l2, steps=steps)
-        linear.append({"thought": j + 1, **scores})
+
+    def linear(nodes):
+        out = []
+        for j in range(max(len(v) for v in nodes.values())):
+            have = [i for i in sorted(nodes) if j < len(nodes[i]) and nodes[i][j] is not None]
+            f, t = [i for i in have if i in fit], [i for i in have if i in test]
+            if not f or not t:
+                out.append({"thought": j + 1, "skipped": f"{len(f)} questions to fit and {len(t)} to score on"})
+                continue
+            scores = linear_probe(torch.stack([thoughts[i][j] for i in f]), [nodes[i][j] for i in f],
+                                  torch.stack([thoughts[i][j] for i in t]), [nodes[i][j] for i in t],
+                                  l2=l2, steps=steps)
+            out.append({"thought": j + 1, **scores})
+        return {"seed": seed, "l2": l2, "per_index": out}
+    previous = thought_nodes(samples, n_thoughts, c_thought, lag=1)
     return {"n_questions": len(nodes), "n_without_step_nodes": len(thoughts) - len(nodes),
-            "decoding": decoding_probe(tops, nodes, tokenizer),
-            "linear": {"seed": seed, "l2": l2, "per_index": linear}}
+            "decoding": decoding_probe(tops, nodes, tokenizer), "linear": linear(nodes),
+            "previous": {"decoding": decoding_probe(tops, previous, tokenizer), "linear": linear(previous)}}
 
 
 # -- report ---------------------------------------------------------------------------------------------------------
@@ -166,20 +177,31 @@ def probe_report(p: dict, k: int) -> list[str]:
         lines.append(f"| {r['thought']} | {_pct(r['top1'])} | {_pct(r['top_k'])} | {_pct(r['top_k_other_question'])} "
                      f"| {_pct(q.get('accuracy'))} | {_pct(q.get('chance'))} | {q.get('n_fit', '-')} / "
                      f"{q.get('n_test', '-')} | {q.get('n_classes', q.get('skipped', '-'))} |")
+    if "previous" in p:
+        prev_dec = {r["thought"]: r for r in p["previous"]["decoding"]["per_index"]}
+        prev_lin = {r["thought"]: r for r in p["previous"]["linear"]["per_index"]}
+        lines += ["", "The same against the node the thought's step starts from (the previous step's node; none for "
+                  "a first step):", "", "| thought | top-1 (%) | linear probe (%) | chance (%) |", "|---|---|---|---|"]
+        for r in dec["per_index"]:
+            d, q = prev_dec.get(r["thought"], {}), prev_lin.get(r["thought"], {})
+            lines.append(f"| {r['thought']} | {_pct(d.get('top1'))} | {_pct(q.get('accuracy'))} "
+                         f"| {_pct(q.get('chance'))} |")
     return lines
 
 
 def probe_picture(ax, p: dict, k: int) -> None:
     """Both probes per thought index on a matplotlib axis, each beside its chance level (dotted, same colour)."""
     dec, lin = p["decoding"]["per_index"], [r for r in p["linear"]["per_index"] if "accuracy" in r]
+    prev = [r for r in p.get("previous", {}).get("linear", {}).get("per_index", []) if "accuracy" in r]
     for label, rows, key, style in (("decodes to its node (top-1)", dec, "top1", "C0o-"),
                                     (f"decodes to its node (top-{k})", dec, "top_k", "C1o-"),
                                     ("... to another question's node (chance)", dec, "top_k_other_question", "C1o:"),
                                     ("linear probe (held-out half)", lin, "accuracy", "C3s-"),
-                                    ("majority node (chance)", lin, "chance", "C3s:")):
+                                    ("majority node (chance)", lin, "chance", "C3s:"),
+                                    ("linear probe, previous step's node", prev, "accuracy", "C2^--")):
         points = [(r["thought"], 100 * r[key]) for r in rows if r.get(key) is not None]
         if points:
             ax.plot(*zip(*points), style, label=label)
     ax.set(xlabel="thought", ylabel="% of thoughts", ylim=(0, 100), title="is the step's node in the thought?")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))  # beside the axes: inside, it hid points

@@ -18,7 +18,7 @@ from multimodal_coconut.config import Config
 from multimodal_coconut.data import load_samples
 from multimodal_coconut.evaluate import coconut_answer
 from multimodal_coconut.inference import Trained, evaluate_trained, load_trained, prompt_loader, prompt_set
-from multimodal_coconut.probe import decoding_probe, linear_probe, probe, split_questions
+from multimodal_coconut.probe import decoding_probe, linear_probe, probe, probe_report, split_questions
 
 ROOT = Path(__file__).resolve().parents[1]
 PROSQA_VAL = ROOT / "tests" / "fixtures" / "prosqa" / "prosqa_valid.json"
@@ -222,6 +222,35 @@ def test_probe_reads_thought_j_against_the_node_of_step_j_div_c():
         probe(thoughts, tops, samples, Tok(), c_thought=2)
     none = [Sample(i, ["a"], None) for i in range(3)]
     assert "step_nodes" in probe({i: torch.zeros(1, 4) for i in range(3)}, {}, none, Tok(), 1)["skipped"]
+
+
+def test_probe_tells_a_thought_one_hop_behind_from_one_on_time():
+    """Three steps, one thought each; thoughts 2 and 3 hold the node of the step before theirs (the node their step
+    starts from), thought 1 noise. The `previous` probe reads them; the probe of their own step's node does not, and
+    thought 1 has no previous step. Decoding likewise: the top-1 token is the previous node."""
+    n, dim = 200, 24
+    x1, nodes1 = planted_features(n, dim, 4, seed=0, signal=2.0)
+    x2, nodes2 = planted_features(n, dim, 4, seed=1, signal=2.0)
+    _, nodes3 = planted_features(n, dim, 4, seed=3, signal=0.0)
+    g = torch.Generator().manual_seed(2)
+    thoughts = {i: torch.stack([torch.randn(dim, generator=g), x1[i], x2[i]]) for i in range(n)}
+    samples = [Sample(i, ["a", "b", "c"], [nodes1[i], nodes2[i], nodes3[i]]) for i in range(n)]
+    tops = {i: [["x"], [nodes1[i]], [nodes2[i]]] for i in range(n)}
+
+    class Tok:
+        def encode(self, text, add_special_tokens=False):
+            return [0]
+    result = probe(thoughts, tops, samples, Tok(), c_thought=1, seed=0)
+    own = {r["thought"]: r for r in result["linear"]["per_index"]}
+    prev = {r["thought"]: r for r in result["previous"]["linear"]["per_index"]}
+    assert "skipped" in prev[1] and [r["thought"] for r in result["previous"]["decoding"]["per_index"]] == [2, 3]
+    for j in (2, 3):
+        assert prev[j]["accuracy"] >= 0.9 and own[j]["accuracy"] < 0.45
+    assert [r["top1"] for r in result["previous"]["decoding"]["per_index"]] == [1.0, 1.0]
+    own_top1 = [r["top1"] for r in result["decoding"]["per_index"]]
+    assert own_top1[0] == 0.0 and max(own_top1[1:]) < 0.45  # "x" is never a node; nodes of independent draws
+    report = "\n".join(probe_report(result, 5))
+    assert "starts from" in report and "| 1 | - | - | - |" in report
 
 
 def test_decoding_probe_hits_multi_token_nodes_and_chance(text_trained):
