@@ -2,8 +2,8 @@
 # The hops task's results in docs/results.md ("The hops task"), from scratch: the table (3 seeds; every row but No-CoT
 # starts from 2 epochs of CoT, then one epoch per stage), whether each checkpoint's answers need its thoughts, the
 # analysis of the Coconut checkpoints, the step-supervised row with 2 epochs per stage, and every row with earlier
-# stages mixed in (uniform_prob 0.3). About 3.5 hours on 2 CPU cores; finished runs are reused and unfinished ones
-# resume, so it can be stopped and started again.
+# stages mixed in (uniform_prob 0.3), and a 4-hop pilot. About 4.5 hours on 2 CPU cores; finished runs are reused
+# and unfinished ones resume, so it can be stopped and started again.
 #
 #   bash scripts/hops_results.sh [OUT]        # default OUT: runs/hops_text_table
 set -euo pipefail
@@ -41,3 +41,7 @@ for s in 0 1 2; do
     python -m multimodal_coconut.analyze "$M/runs/coconut_step_seed$s" --data "$M/data/hops_text_val.json" \
         --out "$M/analysis/coconut_step_seed$s"
 done
+# More hops than layers: 4 arrows over 8 colours, the mixing recipe after a 6-epoch CoT warm-up, 2 seeds
+python -m multimodal_coconut.experiments --config args/hops_text.yaml --seeds 0 1 --cot-warmup 6 --jobs 2 \
+    --set hops_k=4 hops_nodes=8 max_latent_stage=4 num_epochs=5 uniform_prob=0.3 \
+    --rows coconut_step pause_step --out runs/hops_text_k4
