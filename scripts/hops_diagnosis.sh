@@ -2,7 +2,7 @@
 # Why the multimodal hops task's CoT does not learn its lookups (docs/results.md, "The multimodal hops task"): one
 # difference from the text variant at a time, each a CoT run of 16,000 questions (seed 1 unless said; the tiny
 # preset's seed 1 learnt the text variant in one epoch), then how far each checkpoint's chain stays right. Needs the
-# multimodal data of scripts/hops_mm_results.sh (OUT/../hops_table/data; made here if missing). About 50 minutes on
+# multimodal data of scripts/hops_mm_results.sh (OUT/../hops_table/data; made here if missing). About 80 minutes on
 # 2 CPU cores; a finished run is left as it is, an unfinished one resumes.
 #
 #   bash scripts/hops_diagnosis.sh [OUT]        # default OUT: runs/diag
@@ -32,6 +32,11 @@ mm mm_k3_seed1 seed=1 num_epochs=2 hops_k=3 train_path="$K3/aokvqa_v1p0_train.js
     val_path="$K3/aokvqa_v1p0_val.json" image_root="$K3"
 chain mm_k3_seed1 1 "$K3/aokvqa_v1p0_val.json"
 chain mm_k3_seed1 2 "$K3/aokvqa_v1p0_val.json"
+# 3b. the same run continued to 6 epochs (a run resumes from its newest checkpoint; num_epochs may grow)
+mm mm_k3_seed1 seed=1 num_epochs=6 hops_k=3 train_path="$K3/aokvqa_v1p0_train.json" \
+    val_path="$K3/aokvqa_v1p0_val.json" image_root="$K3"
+chain mm_k3_seed1 5 "$K3/aokvqa_v1p0_val.json"
+chain mm_k3_seed1 6 "$K3/aokvqa_v1p0_val.json"
 # 4-5. the start colour written in the question ("Start at green"; the image-reading step dropped), with the image
 # (A-OKVQA format) and without it (the general jsonl format, the same questions, choices and steps)
 S=$T/data_textstart
