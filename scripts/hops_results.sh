@@ -34,6 +34,10 @@ done
 # Mixing earlier stages: the table's budget (2 epochs of CoT, one epoch per stage) with uniform_prob=0.3 for every row
 # that has stages (docs/results.md used the 2-epoch folder's warm-ups, copied in: the same seeds and stage 0)
 M=runs/hops_text_uniform
+# thought_norm projection with and without step supervision, seed 0 (its results.md kept apart, as above)
+python -m multimodal_coconut.experiments --config args/hops_text.yaml --seeds 0 --cot-warmup 2 --jobs 2 \
+    --set uniform_prob=0.3 --rows coconut_norm coconut_norm_step coconut_step --out "$M"
+cp "$M/results.md" "$M/norm_seed0_results.md"
 python -m multimodal_coconut.experiments --config args/hops_text.yaml --seeds 0 1 2 --cot-warmup 2 --jobs 2 \
     --set uniform_prob=0.3 --rows coconut_step pause_step coconut pause no_thought --out "$M"
 python scripts/thought_use_by_stage.py "$M" --rows coconut_step
