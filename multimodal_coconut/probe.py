@@ -135,16 +135,16 @@ def probe(thoughts: dict[int, torch.Tensor], tops: dict[int, list[list[str]]], s
                            "hops task), so there is nothing to compare the thoughts with"}
     fit, test = split_questions(list(nodes), seed)
 
-    def linear(nodes):
+    def linear(targets):  # one probe per thought index, on the same fit / held-out split for every target set
         out = []
-        for j in range(max(len(v) for v in nodes.values())):
-            have = [i for i in sorted(nodes) if j < len(nodes[i]) and nodes[i][j] is not None]
+        for j in range(max(len(v) for v in targets.values())):
+            have = [i for i in sorted(targets) if j < len(targets[i]) and targets[i][j] is not None]
             f, t = [i for i in have if i in fit], [i for i in have if i in test]
             if not f or not t:
                 out.append({"thought": j + 1, "skipped": f"{len(f)} questions to fit and {len(t)} to score on"})
                 continue
-            scores = linear_probe(torch.stack([thoughts[i][j] for i in f]), [nodes[i][j] for i in f],
-                                  torch.stack([thoughts[i][j] for i in t]), [nodes[i][j] for i in t],
+            scores = linear_probe(torch.stack([thoughts[i][j] for i in f]), [targets[i][j] for i in f],
+                                  torch.stack([thoughts[i][j] for i in t]), [targets[i][j] for i in t],
                                   l2=l2, steps=steps)
             out.append({"thought": j + 1, **scores})
         return {"seed": seed, "l2": l2, "per_index": out}
