@@ -10,7 +10,8 @@ Three kinds of backbone are supported:
 
 Three presets need no download: `tiny` (a few-million-parameter InternVL with random weights and a byte-level BPE
 tokenizer trained locally, saved as an ordinary HF checkpoint directory and loaded back through `from_pretrained`),
-`tiny-text` (its language model alone, a text-only Qwen2, built and loaded the same way) and `internvl3-1b-shape`
+`tiny-text` (its language model alone, a text-only Qwen2, built and loaded the same way; a trained one can become
+the tiny InternVL's language model, `build_tiny_on`) and `internvl3-1b-shape`
 (the exact shapes of InternVL3-1B with random weights, for benchmarks).
 """
 
@@ -178,6 +179,64 @@ def build_tiny(out_dir: str | os.PathLike, texts: Iterable[str] = (), seed: int 
     return _save_preset(out_dir, model, tokenizer, _image_processor(64))
 
 
+def build_tiny_on(out_dir: str | os.PathLike, language_model: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny InternVL around a trained text-only model: the `tiny` preset's vision encoder and projector with
+    random weights (seeded by `seed`), and as its language model the weights and tokenizer (Coconut's tokens
+    included) of `language_model`, a model trained by this project (a run, checkpoint or exported directory, read
+    through `inference.load_trained`), e.g. `tiny-text` after the text hops task's CoT. A VLM built as InternVL3 is:
+    a vision side around a pretrained LM. On a question without an image it computes what the text model does."""
+    from transformers import InternVLForConditionalGeneration
+
+    from .inference import load_trained
+
+    _quiet_transformers()
+    text = load_trained(language_model, device="cpu")
+    lm, tokenizer = text.backbone.model, text.backbone.tokenizer
+    if text.backbone.is_multimodal or lm.config.model_type != "qwen2":
+        raise ValueError(f"tiny_language_model {language_model}: a {lm.config.model_type} model "
+                         f"({type(lm).__name__}); the tiny InternVL's language model is a text-only Qwen2, e.g. a "
+                         "model trained from model_id 'tiny-text'")
+    if text.backbone.coconut_weights:
+        raise ValueError(f"tiny_language_model {language_model}: it was trained with thought_norm "
+                         f"{text.config.thought_norm!r}, whose learned weights belong to its Coconut wrapper, not to "
+                         "its language model; use a model trained with thought_norm 'none' (e.g. its CoT stage)")
+    c = lm.config
+    config = _internvl_config(
+        tokenizer,
+        vision=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
+        text=dict(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                  num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                  num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
+                  rms_norm_eps=c.rms_norm_eps, rope_parameters=c.rope_parameters),
+        image_size=64,
+        patch_size=8,
+        vocab_size=lm.get_input_embeddings().weight.shape[0],
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = InternVLForConditionalGeneration(config)
+    model.model.language_model.load_state_dict(lm.model.state_dict())  # strict: every weight, every shape
+    model.lm_head.load_state_dict(lm.lm_head.state_dict())
+    return _save_preset(Path(out_dir), model, tokenizer, _image_processor(64))
+
+
+def _fingerprint(path: str | os.PathLike) -> str:
+    """A digest of the content of every file under the model directory `path` resolves to (a run directory: its
+    newest complete checkpoint), so that a cache entry built from it is rebuilt when it changes."""
+    from .inference import resolve_model_dir
+
+    model_dir = resolve_model_dir(path)
+    digest = hashlib.sha256()
+    for f in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        if f.parent.name == "optimizer" or f.name.startswith("rng_"):
+            continue  # training state, not the model
+        digest.update(str(f.relative_to(model_dir)).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def _save_preset(out_dir: Path, model, tokenizer, image_processor=None) -> Path:
     """Write a preset's HF directory under a temporary name, TINY_COMPLETE last, then rename it into place."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -200,19 +259,26 @@ def _save_preset(out_dir: Path, model, tokenizer, image_processor=None) -> Path:
 
 
 def tiny_dir(texts: Iterable[str] = (), seed: int = 0, cache_dir: str | os.PathLike | None = None,
-             preset: str = "tiny") -> Path:
-    """Build (once) and return the cached checkpoint of the `tiny` (or `tiny-text`) preset for these texts and seed.
+             preset: str = "tiny", language_model: str | os.PathLike | None = None) -> Path:
+    """Build (once) and return the cached checkpoint of the `tiny` (or `tiny-text`) preset for these texts and seed;
+    with `language_model`, the tiny InternVL around that trained text model (`build_tiny_on`; texts unused).
 
     Under a torch.distributed process group every rank must call it: rank 0 builds (transformers saves only there),
     the others wait in a barrier. Concurrent processes without a group (several runs on one machine) take turns
     through a file lock. An entry without TINY_COMPLETE (an interrupted or an older build) is rebuilt.
     """
     texts = list(texts)
-    key = [TINY_VERSION, seed, texts] if preset == "tiny" else [TINY_VERSION, "text", seed, texts]
+    if language_model is not None:
+        if preset != "tiny":
+            raise ValueError(f"a language model for the tiny preset is given, but the preset is {preset!r}")
+        key = [TINY_VERSION, "on", seed, _fingerprint(language_model)]
+        build = lambda out_dir, texts, seed: build_tiny_on(out_dir, language_model, seed)  # noqa: E731
+    else:
+        key = [TINY_VERSION, seed, texts] if preset == "tiny" else [TINY_VERSION, "text", seed, texts]
+        build = build_tiny if preset == "tiny" else build_tiny_text
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
     cache_dir = Path(cache_dir or os.environ.get("MMC_CACHE", Path.home() / ".cache" / "multimodal_coconut"))
     path = cache_dir / f"{preset}-{digest}"
-    build = build_tiny if preset == "tiny" else build_tiny_text
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         if torch.distributed.get_rank() == 0:
             _build_tiny_once(path, build, texts, seed)
@@ -397,6 +463,7 @@ def load_backbone(
     attn_implementation: str | None = "sdpa",
     tiny_texts: Iterable[str] = (),
     seed: int = 0,
+    tiny_language_model: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Backbone:
@@ -418,7 +485,10 @@ def load_backbone(
         return _finish(model, tokenizer, image_processor, "hf_internvl", min_num_patches, max_num_patches,
                        use_thumbnail)
     presets = ("tiny", "tiny-text")
-    path = str(tiny_dir(tiny_texts, seed, preset=model_id)) if model_id in presets else model_id
+    if tiny_language_model is not None and model_id != "tiny":
+        raise ValueError(f"tiny_language_model is the language model of the 'tiny' preset, but model_id is {model_id!r}")
+    path = str(tiny_dir(tiny_texts, seed, preset=model_id, language_model=tiny_language_model)) \
+        if model_id in presets else model_id
 
     # Decide from config.json itself: transformers' own config classes would already refuse remote code, less clearly.
     config = _config_json(path)

@@ -95,6 +95,8 @@ class Config:
     # --- model ---
     model_id: str = "tiny"
     """'tiny' (random tiny InternVL built locally), 'tiny-text' (its language model alone, text only), a local model directory, or a Hugging Face hub id (any causal LM for text data)."""
+    tiny_language_model: str | None = None
+    """With model_id 'tiny': a trained text-only model of this project (a run or checkpoint directory, e.g. `tiny-text` after the text hops task's CoT) whose weights and tokenizer become the tiny InternVL's language model, the vision encoder and projector random (by `seed`), as InternVL3 is built around a pretrained Qwen2.5. null = all random. Unused when the run starts from a checkpoint."""
     trust_remote_code: bool = False
     """Allow the model's own code from the hub (needed for the original-format OpenGVLab/InternVL3-* checkpoints)."""
     bf16: bool = False
@@ -295,6 +297,10 @@ class Config:
             _check(not (self.builtin_task == "hops" and self.model_id == "tiny-text"), ["builtin_task", "model_id"],
                    "key 'builtin_task: hops' reads the start off an image, and model_id 'tiny-text' is text only: "
                    "use 'builtin_task: hops_text' (or model_id 'tiny')")
+
+        _check(self.tiny_language_model is None or self.model_id == "tiny", ["tiny_language_model", "model_id"],
+               f"key 'tiny_language_model' is the language model of model_id 'tiny', but model_id is "
+               f"{self.model_id!r}")
 
         builtin = self.dataset == "builtin"  # the run generates its own files, paths may be left out
         if self.only_eval:

@@ -227,6 +227,7 @@ def fit(cfg: Config, env) -> list[dict]:
             cfg.model_id, trust_remote_code=cfg.trust_remote_code, image_size=cfg.image_size,
             min_num_patches=cfg.min_num_patches, max_num_patches=cfg.max_num_patches, use_thumbnail=cfg.use_thumbnail,
             attn_implementation=cfg.attn_implementation, tiny_texts=texts, seed=cfg.seed,
+            tiny_language_model=cfg.tiny_language_model,
         )
     model = coconut_model(backbone, cfg, fresh_ok=True)  # a thought projection starts fresh unless the source has one
     if cfg.load_model_path and source is None:
