@@ -272,7 +272,9 @@ def tiny_dir(texts: Iterable[str] = (), seed: int = 0, cache_dir: str | os.PathL
         if preset != "tiny":
             raise ValueError(f"a language model for the tiny preset is given, but the preset is {preset!r}")
         key = [TINY_VERSION, "on", seed, _fingerprint(language_model)]
-        build = lambda out_dir, texts, seed: build_tiny_on(out_dir, language_model, seed)  # noqa: E731
+
+        def build(out_dir, texts, seed):
+            return build_tiny_on(out_dir, language_model, seed)
     else:
         key = [TINY_VERSION, seed, texts] if preset == "tiny" else [TINY_VERSION, "text", seed, texts]
         build = build_tiny if preset == "tiny" else build_tiny_text
@@ -486,7 +488,8 @@ def load_backbone(
                        use_thumbnail)
     presets = ("tiny", "tiny-text")
     if tiny_language_model is not None and model_id != "tiny":
-        raise ValueError(f"tiny_language_model is the language model of the 'tiny' preset, but model_id is {model_id!r}")
+        raise ValueError(f"tiny_language_model is the language model of the 'tiny' preset, but model_id is "
+                         f"{model_id!r}")
     path = str(tiny_dir(tiny_texts, seed, preset=model_id, language_model=tiny_language_model)) \
         if model_id in presets else model_id
 
