@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The multimodal hops task around a pretrained language model (docs/results.md, "Around a pretrained language
+# model"): the tiny InternVL with `tiny-text` after the text hops task's CoT as its language model
+# (tiny_language_model), args/hops.yaml (start = the colour of the object in the image, then hops_k 2 arrows), one
+# epoch of CoT, then the text recipe's mixing (uniform_prob 0.3, one epoch per stage):
+#   1. args/hops.yaml's 6,000 questions: the five latent rows, seeds 0 and 1 (pause + step supervision: seed 0);
+#   2. 16,000 questions (the text variant's size): Coconut + step supervision (seeds 0, 1) and pause + step
+#      supervision (seed 0);
+# then whether the answers need the thoughts, stage by stage, and the analysis of the 16,000-question Coconut + step
+# supervision checkpoints. ~3 hours on 2 CPU cores; finished runs are reused and unfinished ones resume.
+#
+#   bash scripts/hops_mm_pretrained.sh [OUT]        # default OUT: runs/hops_mm_pre
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
+T=${1:-runs/hops_mm_pre}
+# The language model: tiny-text after 2 epochs of CoT on the text hops task, seed 0 (args/hops_text.yaml's recipe;
+# docs/ used the text table's seed-0 warm-up, the same command and seed, copied here). One language model for every
+# seed: the seed draws the vision side, the data order and the mixing.
+LM=$T/text_cot
+if [ ! -f "$LM/checkpoint_2/COMPLETE" ]; then
+    python run.py args/hops_text.yaml coconut=false cot=true num_epochs=2 seed=0 name=text_cot save_path="$T" \
+        train_path="$T/data_text/hops_text_train.json" val_path="$T/data_text/hops_text_val.json"
+fi
+SET="tiny_language_model=$LM/checkpoint_2 uniform_prob=0.3"
+run() {  # OUT ROWS... (after --): the table's runner with this recipe
+    local out=$1; shift
+    python -m multimodal_coconut.experiments --config args/hops.yaml --cot-warmup 1 --jobs 2 --out "$out" "$@"
+}
+S=$T/q6000
+run "$S" --seeds 0 --set $SET --rows coconut no_thought pause coconut_step pause_step
+run "$S" --seeds 1 --set $SET --rows coconut no_thought pause coconut_step
+run "$S" --seeds 0 1 --set $SET --rows coconut no_thought pause coconut_step pause_step --report-only
+L=$T/q16000
+run "$L" --seeds 0 --set $SET builtin_train_size=16000 --rows coconut_step pause_step
+run "$L" --seeds 1 --set $SET builtin_train_size=16000 --rows coconut_step
+run "$L" --seeds 0 1 --set $SET builtin_train_size=16000 --rows coconut_step pause_step --report-only
+python scripts/thought_use_by_stage.py "$L" --rows coconut_step
+for s in 0 1; do
+    python -m multimodal_coconut.analyze "$L/runs/coconut_step_seed$s" --data "$L/data/aokvqa_v1p0_val.json" \
+        --out "$L/analysis/coconut_step_seed$s"
+done
