@@ -6,8 +6,9 @@
 #   1. args/hops.yaml's 6,000 questions: the five latent rows, seeds 0 and 1 (pause + step supervision: seed 0);
 #   2. 16,000 questions (the text variant's size): Coconut + step supervision (seeds 0, 1) and pause + step
 #      supervision (seed 0);
-# then whether the answers need the thoughts, stage by stage, and the analysis of the 16,000-question Coconut + step
-# supervision checkpoints. ~3 hours on 2 CPU cores; finished runs are reused and unfinished ones resume.
+# then the analysis of the 16,000-question Coconut + step supervision checkpoints (seed 0 also at stage 2). ~3 hours
+# on 2 CPU cores; finished runs are reused and unfinished ones resume. (docs/ used runs/hops_mm_pre and
+# runs/hops_mm_pre16k for the two folders, each with its own copy of the same language model.)
 #
 #   bash scripts/hops_mm_pretrained.sh [OUT]        # default OUT: runs/hops_mm_pre
 set -euo pipefail
@@ -35,7 +36,8 @@ L=$T/q16000
 run "$L" --seeds 0 --set $SET builtin_train_size=16000 --rows coconut_step pause_step
 run "$L" --seeds 1 --set $SET builtin_train_size=16000 --rows coconut_step
 run "$L" --seeds 0 1 --set $SET builtin_train_size=16000 --rows coconut_step pause_step --report-only
-python scripts/thought_use_by_stage.py "$L" --rows coconut_step
+python -m multimodal_coconut.analyze "$L/runs/coconut_step_seed0/checkpoint_3" --data "$L/data/aokvqa_v1p0_val.json" \
+    --out "$L/analysis/coconut_step_seed0_stage2"     # stage 2, where the answers do follow a thought
 for s in 0 1; do
     python -m multimodal_coconut.analyze "$L/runs/coconut_step_seed$s" --data "$L/data/aokvqa_v1p0_val.json" \
         --out "$L/analysis/coconut_step_seed$s"
