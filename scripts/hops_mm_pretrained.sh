@@ -6,6 +6,7 @@
 #   1. args/hops.yaml's 6,000 questions: the five latent rows, seeds 0 and 1 (pause + step supervision: seed 0);
 #   2. 16,000 questions (the text variant's size): Coconut + step supervision (seeds 0, 1) and pause + step
 #      supervision (seed 0);
+#   3. (6,000 questions) around the text table's Coconut + step supervision checkpoint instead of its CoT;
 # then the analysis of the 16,000-question Coconut + step supervision checkpoints (seed 0 also at stage 2). ~3 hours
 # on 2 CPU cores; finished runs are reused and unfinished ones resume. (docs/ used runs/hops_mm_pre and
 # runs/hops_mm_pre16k for the two folders, each with its own copy of the same language model.)
@@ -41,4 +42,20 @@ python -m multimodal_coconut.analyze "$L/runs/coconut_step_seed0/checkpoint_3" -
 for s in 0 1; do
     python -m multimodal_coconut.analyze "$L/runs/coconut_step_seed$s" --data "$L/data/aokvqa_v1p0_val.json" \
         --out "$L/analysis/coconut_step_seed$s"
+done
+# 3. The language model that already reasons in thoughts: the text mixing table's Coconut + step supervision checkpoint
+#    (seed 1, stage 3; docs/ used runs/hops_text_uniform/runs/coconut_step_seed1/checkpoint_4, copied here), the
+#    6,000-question recipe: Coconut + step supervision (seeds 0, 1) and pause + step supervision (seed 0).
+TL=$T/lm_from_coconut_step
+TLM=$TL/text_lm/checkpoint_4
+if [ ! -f "$TLM/COMPLETE" ]; then
+    echo "copy the text mixing table's coconut_step_seed1/checkpoint_4 (bash scripts/hops_results.sh) to $TLM" >&2
+    exit 1
+fi
+SET="tiny_language_model=$TLM uniform_prob=0.3"
+run "$TL" --seeds 0 --set $SET --rows coconut_step pause_step
+run "$TL" --seeds 1 --set $SET --rows coconut_step
+for s in 0 1; do
+    python -m multimodal_coconut.analyze "$TL/runs/coconut_step_seed$s" --data "$TL/data/aokvqa_v1p0_val.json" \
+        --out "$TL/analysis/coconut_step_seed$s"
 done
