@@ -45,7 +45,7 @@ for s in 0 1; do
 done
 # 3. The language model that already reasons in thoughts: the text mixing table's Coconut + step supervision checkpoint
 #    (seed 1, stage 3; docs/ used runs/hops_text_uniform/runs/coconut_step_seed1/checkpoint_4, copied here), the
-#    6,000-question recipe: Coconut + step supervision (seeds 0, 1) and pause + step supervision (seed 0).
+#    6,000-question recipe: Coconut + step supervision (seeds 0, 1, 2) and pause + step supervision (seeds 0, 1).
 TL=$T/lm_from_coconut_step
 TLM=$TL/text_lm/checkpoint_4
 if [ ! -f "$TLM/COMPLETE" ]; then
@@ -54,7 +54,9 @@ if [ ! -f "$TLM/COMPLETE" ]; then
 fi
 SET="tiny_language_model=$TLM uniform_prob=0.3"
 run "$TL" --seeds 0 --set $SET --rows coconut_step pause_step
-run "$TL" --seeds 1 --set $SET --rows coconut_step
+run "$TL" --seeds 1 --set $SET --rows coconut_step pause_step
+run "$TL" --seeds 2 --set $SET --rows coconut_step
+run "$TL" --seeds 0 1 2 --set $SET --rows coconut_step pause_step --report-only
 for s in 0 1; do
     python -m multimodal_coconut.analyze "$TL/runs/coconut_step_seed$s" --data "$TL/data/aokvqa_v1p0_val.json" \
         --out "$TL/analysis/coconut_step_seed$s"
