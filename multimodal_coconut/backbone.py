@@ -145,6 +145,10 @@ def _image_processor(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, cls=
     )
 
 
+# The tiny preset's vision encoder (64px tiles, 8px patches), shared by build_tiny and build_tiny_on.
+_TINY_VISION = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
+
+
 def build_tiny(out_dir: str | os.PathLike, texts: Iterable[str] = (), seed: int = 0) -> Path:
     """Write a tiny random-weight InternVL checkpoint directory (model, tokenizer, image processor) to `out_dir`.
 
@@ -160,7 +164,7 @@ def build_tiny(out_dir: str | os.PathLike, texts: Iterable[str] = (), seed: int 
     tokenizer = train_tiny_tokenizer(texts)
     config = _internvl_config(
         tokenizer,
-        vision=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
+        vision=_TINY_VISION,
         text=dict(
             hidden_size=160,
             intermediate_size=768,
@@ -203,7 +207,7 @@ def build_tiny_on(out_dir: str | os.PathLike, language_model: str | os.PathLike,
     c = lm.config
     config = _internvl_config(
         tokenizer,
-        vision=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
+        vision=_TINY_VISION,
         text=dict(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
                   num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
                   num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
