@@ -2,8 +2,8 @@
 # The hops task's results in docs/results.md ("The hops task"), from scratch: the table (3 seeds; every row but No-CoT
 # starts from 2 epochs of CoT, then one epoch per stage), whether each checkpoint's answers need its thoughts, the
 # analysis of the Coconut checkpoints, the step-supervised row with 2 epochs per stage, and every row with earlier
-# stages mixed in (uniform_prob 0.3), and a 4-hop pilot. About 4.5 hours on 2 CPU cores; finished runs are reused
-# and unfinished ones resume, so it can be stopped and started again.
+# stages mixed in (uniform_prob 0.3), a 4-hop pilot, and the mixing recipe with steps written as nodes. About 5.5 hours
+# on 2 CPU cores; finished runs are reused and unfinished ones resume, so it can be stopped and started again.
 #
 #   bash scripts/hops_results.sh [OUT]        # default OUT: runs/hops_text_table
 set -euo pipefail
@@ -49,3 +49,13 @@ done
 python -m multimodal_coconut.experiments --config args/hops_text.yaml --seeds 0 1 --cot-warmup 6 --jobs 2 \
     --set hops_k=4 hops_nodes=8 max_latent_stage=4 num_epochs=5 uniform_prob=0.3 \
     --rows coconut_step pause_step --out runs/hops_text_k4
+# The step's text: the mixing recipe with every step written as the node it reaches ('red.', hops_step_style node)
+# instead of the arrow ('green>red.'); its own folder, so its own data and CoT warm-ups, 4 epochs of them (after 2,
+# CoT in this style was at 66.5 / 17.5% on seeds 0 / 1, where the arrow style's is at 100%)
+N=runs/hops_text_node
+python -m multimodal_coconut.experiments --config args/hops_text.yaml --seeds 0 1 2 --cot-warmup 4 --jobs 2 \
+    --set uniform_prob=0.3 hops_step_style=node --rows coconut_step pause_step coconut --out "$N"
+python scripts/thought_use_by_stage.py "$N" --rows coconut_step coconut
+for run in coconut_step_seed0 coconut_step_seed1 coconut_step_seed2 coconut_seed0; do
+    python -m multimodal_coconut.analyze "$N/runs/$run" --data "$N/data/hops_text_val.json" --out "$N/analysis/$run"
+done
