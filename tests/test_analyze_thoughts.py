@@ -352,3 +352,28 @@ def test_chain_accuracy_counts_the_written_lines_right_through_each_step():
     generated = {"a": "object>red.\nred>blue.\nblue>pink.\n### pink", "b": "object>red.\n red>blue. \nblue>red.\n### red",
                  "c": "object>green.\ngreen>red.\nred>blue.\n### blue", "d": "x>y.\n### y"}
     assert chain.chain_right_through(samples, generated) == [75.0, 75.0, 50.0]
+
+
+def test_hops_written_chain_counts_the_first_node_and_the_lookups_from_written_nodes(tmp_path):
+    """scripts/hops_written_chain.py at stage 1 (hop 1 a thought): the first written node against step 2's node, and
+    whether each written node is the question's successor of the one before (only questions writing two or more)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hops_written_chain", ROOT / "scripts" / "hops_written_chain.py")
+    chain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chain)
+
+    question = "Arrows:red>blue,blue>green,green>red. Start at red and follow 3 arrows. Which colour do you reach?"
+    record = {"question": question, "steps": ["blue.", "green.", "red."], "answer": "red",
+              "step_nodes": ["blue", "green", "red"]}
+    data = tmp_path / "hops_text_val.json"
+    data.write_text(json.dumps([record] * 4))
+    outputs = ["green.\nred.\n### red",          # right from the thought on
+               "red.\nblue.\n### blue",          # a wrong first node, then the map followed
+               "blue>red.\nred>green.\n### green",  # arrows: the node reached is after '>'; red's successor is blue
+               "green.\n### green"]              # right, but one written node: no lookup to check
+    predictions = tmp_path / "predictions.json"
+    predictions.write_text(json.dumps({f"hops_text_val_{i}": {"output": o} for i, o in enumerate(outputs)}))
+    assert chain.main([str(predictions), "--data", str(data), "--stage", "1"]) == {
+        "questions": 4, "stage": 1, "first_written_node_right": 50.0, "written_chain_follows_the_map": 66.7,
+        "questions_with_two_written_nodes": 3}
