@@ -7,7 +7,7 @@
 #   2. 16,000 questions (the text variant's size): Coconut + step supervision (seeds 0, 1) and pause + step
 #      supervision (seed 0);
 #   3. (6,000 questions) around the text table's Coconut + step supervision checkpoint instead of its CoT;
-# then the analysis of the 16,000-question Coconut + step supervision checkpoints (seed 0 also at stage 2). ~3 hours
+# then the analysis of the Coconut + step supervision checkpoints (16,000 questions: seed 0 also at stage 2). ~5 hours
 # on 2 CPU cores; finished runs are reused and unfinished ones resume. (docs/ used runs/hops_mm_pre and
 # runs/hops_mm_pre16k for the two folders, each with its own copy of the same language model.)
 #
@@ -45,7 +45,8 @@ for s in 0 1; do
 done
 # 3. The language model that already reasons in thoughts: the text mixing table's Coconut + step supervision checkpoint
 #    (seed 1, stage 3; docs/ used runs/hops_text_uniform/runs/coconut_step_seed1/checkpoint_4, copied here), the
-#    6,000-question recipe: Coconut + step supervision (seeds 0, 1, 2) and pause + step supervision (seeds 0, 1).
+#    6,000-question recipe: Coconut + step supervision (seeds 0, 1, 2), pause + step supervision, plain Coconut, w/o
+#    thought and pause as thought (seeds 0, 1), No-CoT and CoT (seed 0).
 TL=$T/lm_from_coconut_step
 TLM=$TL/text_lm/checkpoint_4
 if [ ! -f "$TLM/COMPLETE" ]; then
@@ -56,8 +57,11 @@ SET="tiny_language_model=$TLM uniform_prob=0.3"
 run "$TL" --seeds 0 --set $SET --rows coconut_step pause_step
 run "$TL" --seeds 1 --set $SET --rows coconut_step pause_step
 run "$TL" --seeds 2 --set $SET --rows coconut_step
-run "$TL" --seeds 0 1 2 --set $SET --rows coconut_step pause_step --report-only
-for s in 0 1; do
+# the controls without step supervision (seeds 0, 1), and No-CoT and CoT (seed 0)
+run "$TL" --seeds 0 1 --set $SET --rows coconut no_thought pause
+run "$TL" --seeds 0 --set $SET --rows no_cot cot
+run "$TL" --seeds 0 1 2 --set $SET --rows no_cot cot coconut no_thought pause coconut_step pause_step --report-only
+for s in 0 1 2; do
     python -m multimodal_coconut.analyze "$TL/runs/coconut_step_seed$s" --data "$TL/data/aokvqa_v1p0_val.json" \
         --out "$TL/analysis/coconut_step_seed$s"
 done
