@@ -51,11 +51,21 @@ python -m multimodal_coconut.experiments --config args/hops_text.yaml --seeds 0 
     --rows coconut_step pause_step --out runs/hops_text_k4
 # The step's text: the mixing recipe with every step written as the node it reaches ('red.', hops_step_style node)
 # instead of the arrow ('green>red.'); its own folder, so its own data and CoT warm-ups, 4 epochs of them (after 2,
-# CoT in this style was at 66.5 / 17.5% on seeds 0 / 1, where the arrow style's is at 100%)
+# CoT in this style was at 66.5 / 17.5% on seeds 0 / 1, where the arrow style's is at 100%). The rows from seed 0's
+# warm-up only: seeds 1 and 2's warm-ups (the runner's settings for them, written out) stayed at chance.
 N=runs/hops_text_node
-python -m multimodal_coconut.experiments --config args/hops_text.yaml --seeds 0 1 2 --cot-warmup 4 --jobs 2 \
+python -m multimodal_coconut.experiments --config args/hops_text.yaml --seeds 0 --cot-warmup 4 --jobs 2 \
     --set uniform_prob=0.3 hops_step_style=node --rows coconut_step pause_step coconut --out "$N"
-python scripts/thought_use_by_stage.py "$N" --rows coconut_step coconut
-for run in coconut_step_seed0 coconut_step_seed1 coconut_step_seed2 coconut_seed0; do
-    python -m multimodal_coconut.analyze "$N/runs/$run" --data "$N/data/hops_text_val.json" --out "$N/analysis/$run"
+for s in 1 2; do
+    python run.py args/hops_text.yaml hops_step_style=node thought_supervision=0 uniform_prob=0 coconut=false \
+        cot=true seed=$s num_epochs=4 name=cot_warmup_seed$s save_path="$N/runs" image_root="$N/data" \
+        train_path="$N/data/hops_text_train.json" val_path="$N/data/hops_text_val.json"
 done
+for run in coconut_seed0 coconut_step_seed0 pause_step_seed0; do   # the written chain at stage 1 (epoch 2), both styles
+    for folder in "$N" "$M"; do
+        python scripts/hops_written_chain.py "$folder/runs/$run/predictions_val_epoch2.json" \
+            --data "$folder/data/hops_text_val.json" --stage 1
+    done
+done
+python -m multimodal_coconut.analyze "$N/runs/coconut_step_seed0" --data "$N/data/hops_text_val.json" \
+    --out "$N/analysis/coconut_step_seed0"

@@ -2,7 +2,8 @@
 predictions_val_epoch{N}.json) and its data: for the steps it wrote (those after its thoughts), the share of
 questions whose first written node is the one its step reaches, and the share whose written nodes follow the
 question's own map (each one the successor of the one before: the lookups from written nodes are right, whatever
-node the chain starts from; over the questions with two written nodes or more). Text hops variant; the step text is a node or an arrow (`red.` or `green>red.`).
+node the chain starts from; over the questions with two written nodes or more). Text hops variant; a step is written
+as a node or an arrow (`red.` or `green>red.`).
 
     python scripts/hops_written_chain.py runs/hops_text_node/runs/coconut_seed0/predictions_val_epoch2.json \
         --data runs/hops_text_node/data/hops_text_val.json --stage 1
@@ -33,8 +34,8 @@ def main(argv=None) -> dict:
     p.add_argument("--stage", type=int, required=True, help="the thoughts it was given (steps 1..stage are latent)")
     args = p.parse_args(argv)
     # the question ids of a {question, steps, answer} file: `{file stem}_{index}` (multimodal_coconut.data)
-    by_id = {f"{Path(args.data).stem}_{i}": record for i, record in enumerate(json.load(open(args.data)))}
-    predictions = json.load(open(args.predictions))
+    by_id = {f"{Path(args.data).stem}_{i}": record for i, record in enumerate(json.loads(Path(args.data).read_text()))}
+    predictions = json.loads(Path(args.predictions).read_text())
     first_right = follows_map = chains = 0  # chains: questions with two written nodes or more
     for qid, pred in predictions.items():
         record = by_id[qid]

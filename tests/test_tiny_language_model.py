@@ -74,16 +74,18 @@ def test_two_processes_build_it_once_and_train_as_one(runs, tmp_path):
     """The multimodal run of the fixture again, on 2 DDP processes under the NCCL-like process group
     (tests/nccl_shim.py) with an empty model cache: rank 0 builds the model around the text checkpoint while rank 1
     waits, and the run's losses equal the one-process run's (the same global batch, 8)."""
-    import json
     import os
     import subprocess
     import sys
 
+    from test_train import read_metrics
+
     data = runs["vlm"].parents[1] / "data_mm"
     cache = tmp_path / "cache"
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), MMC_CACHE=str(cache))
+    shim = str(Path(__file__).with_name("nccl_shim.py"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(31100 + os.getpid() % 500), str(Path(__file__).with_name("nccl_shim.py")), str(ROOT / "args" / "hops.yaml"),
+           str(31100 + os.getpid() % 500), shim, str(ROOT / "args" / "hops.yaml"),
            f"save_path={tmp_path}", "name=vlm", "coconut=false", "cot=true", "distributed=ddp",
            f"tiny_language_model={runs['text']}", f"train_path={data}/aokvqa_v1p0_train.json",
            f"val_path={data}/aokvqa_v1p0_val.json", f"image_root={data}", "batch_size_training=4",
@@ -91,10 +93,6 @@ def test_two_processes_build_it_once_and_train_as_one(runs, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
     assert len([p for p in cache.iterdir() if (p / TINY_COMPLETE).is_file()]) == 1  # built once, by rank 0
-
-    def metrics(run):
-        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-    (two,), (one,) = metrics(tmp_path / "vlm"), metrics(runs["vlm"].parent)
+    (two,), (one,) = read_metrics(tmp_path / "vlm"), read_metrics(runs["vlm"].parent)
     for key in ("train_loss", "val_loss"):
         assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-5), key
